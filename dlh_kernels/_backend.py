@@ -1,0 +1,145 @@
+"""Backend registry: which backends exist, which one a call runs on, and why not the others.
+
+Backends: ``triton`` (Triton kernels; CPU tensors only under the Triton interpreter), ``cuda``
+(the compiled CUDA C++ extension), ``torch`` (eager PyTorch references, also the CPU path) and
+``auto`` (the fastest one that can do the call). Nothing here touches the GPU at import time.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Callable, Iterator, Optional
+
+import torch
+
+BACKENDS = ("triton", "cuda", "torch")
+_CHOICES = BACKENDS + ("auto",)
+
+# The process default (set_backend) and the innermost use_backend() override.
+_default_backend = os.environ.get("DLH_BACKEND", "auto")
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("dlh_backend", default=None)
+
+# `auto` tries these in order on CUDA tensors. Triton first until the benchmarks say otherwise
+# per op; ops may pass their own order.
+AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
+
+
+def _check_name(name: str, what: str = "backend") -> str:
+    if name not in _CHOICES:
+        raise ValueError(f"{what} must be one of {_CHOICES}, got {name!r}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend (``auto`` unless ``DLH_BACKEND`` says otherwise)."""
+    global _default_backend
+    _default_backend = _check_name(name)
+
+
+def get_backend() -> str:
+    return _override.get() or _default_backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the ``with`` block on backend ``name`` (unless a call passes ``backend=``)."""
+    token = _override.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Availability: cached per (backend, device type); each answer is None (available) or a reason.
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_reason(device_type: str) -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({exc.__class__.__name__}: {exc})"
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device"
+    if device_type == "cpu":
+        if interpreter_on():
+            return None
+        return ("Triton runs CPU tensors only under its interpreter "
+                "(set TRITON_INTERPRET=1 before triton is imported)")
+    return f"Triton does not run on {device_type} tensors"
+
+
+def _cuda_reason(device_type: str) -> Optional[str]:
+    from . import _ext
+    if _ext.load_error() is not None:
+        return _ext.load_error()
+    if device_type != "cuda":
+        return f"the cuda backend needs CUDA tensors, not {device_type}"
+    return None if torch.cuda.is_available() else "no CUDA device"
+
+
+_REASONS: dict[tuple[str, str], Optional[str]] = {}
+
+
+def unavailable_reason(backend: str, device_type: str) -> Optional[str]:
+    """None if ``backend`` can run tensors of ``device_type`` at all, else the reason."""
+    key = (backend, device_type)
+    if key not in _REASONS:
+        if backend == "torch":
+            _REASONS[key] = None
+        elif backend == "triton":
+            _REASONS[key] = _triton_reason(device_type)
+        else:
+            _REASONS[key] = _cuda_reason(device_type)
+    return _REASONS[key]
+
+
+def backends() -> dict[str, str]:
+    """``{name: "available" | reason}`` for this machine's default device (CUDA if present)."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return {b: unavailable_reason(b, device_type) or "available" for b in BACKENDS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the backend of one call.
+
+Capability = Callable[[str], Optional[str]]  # backend -> None if it can do this call, else why
+
+
+def choose(op: str, requested: Optional[str], device_type: str, supports: Capability,
+           auto_order: tuple[str, ...] = AUTO_ORDER_CUDA) -> str:
+    """Resolve ``requested`` (None: the current default) to the backend that runs this call.
+
+    A backend named explicitly that cannot do the call raises; ``auto`` takes the first backend
+    in ``auto_order`` that can (CPU tensors: always ``torch``, the interpreter is for tests).
+    """
+    name = requested if requested is not None else get_backend()
+    if name == "auto":
+        if device_type != "cuda":
+            return "torch"
+        for candidate in auto_order:
+            if unavailable_reason(candidate, device_type) is None and supports(candidate) is None:
+                return candidate
+        return "torch"
+    if name not in BACKENDS:
+        _check_name(name, "backend")
+    reason = unavailable_reason(name, device_type) or supports(name)
+    if reason is not None:
+        raise RuntimeError(f"dlh.{op}: backend {name!r} cannot run this call: {reason}")
+    return name
+
+
+def explain_choice(device_type: str, supports: Capability,
+                   auto_order: tuple[str, ...] = AUTO_ORDER_CUDA) -> dict[str, str]:
+    """Every backend's verdict on one call: "ok", or the reason it would not run it."""
+    verdict = {}
+    for b in BACKENDS:
+        reason = unavailable_reason(b, device_type) or supports(b)
+        verdict[b] = "ok" if reason is None else reason
+    order = auto_order if device_type == "cuda" else ("torch",)
+    verdict["auto"] = next((f"picks {b}" for b in order if verdict[b] == "ok"), "picks torch")
+    return verdict

@@ -1,0 +1,80 @@
+"""The one mechanism that turns a kernel into a torch op.
+
+`KernelOp` registers ``torch.ops.dlh.<name>`` (schema, fake kernel, autograd) and calls the
+backend's implementation. Every op takes the backend as its last argument, a plain string, so
+`torch.compile` sees a constant and the graph never branches on it.
+
+Two ways in, one set of implementations:
+- the dispatcher path (``torch.ops.dlh.<name>``): used under `torch.compile`, `opcheck`,
+  fake/functional tensors and export. It costs tens of microseconds per call in Python.
+- the eager fast path: plain tensors outside compilation call the implementation directly, and
+  through an `autograd.Function` built from the same `setup_context`/`backward` when a gradient
+  is needed. Small models and the diffusion step are launch-bound, so this is a feature.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import profiling
+
+_LIB_NAME = "dlh"
+
+
+def _plain_eager(args: Sequence) -> bool:
+    """True when no tracing is going on: every tensor argument is an ordinary tensor."""
+    if torch.compiler.is_compiling():
+        return False
+    for a in args:
+        if isinstance(a, torch.Tensor) and type(a) is not torch.Tensor and type(a) is not torch.nn.Parameter:
+            return False
+    return True
+
+
+class KernelOp:
+    """``torch.ops.dlh.<name>`` plus its eager fast path.
+
+    name:      op name in the ``dlh`` namespace.
+    schema:    argument/return part of the schema, e.g. ``"(Tensor x, str backend) -> Tensor"``;
+               the last argument must be ``str backend``.
+    impls:     backend name -> function of the op's arguments without the backend.
+    fake:      shape/dtype function for fake tensors (same arguments, backend included).
+    setup_context, backward: as in `torch.library.register_autograd`; omit for ops without one.
+    """
+
+    def __init__(self, name: str, schema: str, impls: dict[str, Callable], fake: Callable, *,
+                 setup_context: Optional[Callable] = None, backward: Optional[Callable] = None):
+        self.name = name
+        self.impls = impls
+        self.custom_op = torch.library.custom_op(
+            f"{_LIB_NAME}::{name}", self._run, mutates_args=(), schema=schema)
+        self.custom_op.register_fake(fake)
+        self._function = None
+        if backward is not None:
+            self.custom_op.register_autograd(backward, setup_context=setup_context)
+            self._function = type(f"{name}_function", (torch.autograd.Function,), {
+                "forward": staticmethod(self._run),
+                "setup_context": staticmethod(setup_context),
+                "backward": staticmethod(backward),
+            })
+
+    @property
+    def qualname(self) -> str:
+        return f"{_LIB_NAME}::{self.name}"
+
+    def _run(self, *args):
+        backend = args[-1]
+        impl = self.impls[backend]
+        if profiling._enabled:
+            with profiling.op_range(f"dlh::{self.name}[{backend}]"):
+                return impl(*args[:-1])
+        return impl(*args[:-1])
+
+    def __call__(self, *args):
+        if not _plain_eager(args):
+            return self.custom_op(*args)
+        if self._function is not None and torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return self._function.apply(*args)
+        return self._run(*args)

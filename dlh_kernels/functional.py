@@ -1,0 +1,8 @@
+"""The functional API: ``import dlh_kernels.functional as DF``.
+
+Signatures follow ``torch.nn.functional``; every function also takes a keyword-only
+``backend=`` ("auto", "triton", "cuda", "torch"; None: the current default).
+"""
+from .ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]

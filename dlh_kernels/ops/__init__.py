@@ -1,0 +1,1 @@
+"""One module per op family: references, torch op declarations and the public functions."""
