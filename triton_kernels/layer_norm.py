@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dlh_kernels._alloc import empty
+
 # Rows up to this many elements are normalised from registers in one pass; longer rows take the
 # split path. SPLIT_TILE is the tile a split program walks its chunk with. Tests lower both to
 # reach the split path with interpreter-sized tensors (set_limits).
@@ -381,7 +383,7 @@ def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
             RMS=rms, HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None,
             BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=plan.num_warps)
         return
-    partial = torch.empty((M, plan.n_chunks, 2), dtype=torch.float32, device=x.device)
+    partial = empty((M, plan.n_chunks, 2), torch.float32, x.device)
     grid = (M, plan.n_chunks)
     norm_fwd_partial_kernel[grid](
         x, residual, h, partial,
@@ -409,12 +411,12 @@ def norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Tensor],
         return (zeros if compute_dw else None), (zeros.clone() if compute_db else None)
     plan = _plan(M, N, h.device)
     if compute_dw:
-        dw_part = torch.empty((plan.groups, N), dtype=torch.float32, device=h.device)
+        dw_part = empty((plan.groups, N), torch.float32, h.device)
     if compute_db:
-        db_part = torch.empty((plan.groups, N), dtype=torch.float32, device=h.device)
+        db_part = empty((plan.groups, N), torch.float32, h.device)
     partial = None
     if plan.split:
-        partial = torch.empty((M, plan.n_chunks, 2), dtype=torch.float32, device=h.device)
+        partial = empty((M, plan.n_chunks, 2), torch.float32, h.device)
         norm_bwd_partial_kernel[(M, plan.n_chunks)](
             dy, h, weight, mean, rstd, partial,
             dy.stride(0), h.stride(0),

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .. import _backend, _ext
+from .. import _alloc, _backend, _ext
 from .._op import KernelOp
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -47,10 +47,11 @@ def rms_norm_reference(x, normalized_shape, weight=None, eps=1e-6):
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """(M, n) view of t when its layout allows one (any row stride), else a contiguous copy."""
+    m = t.numel() // n if n else 0
     try:
-        rows = t.view(-1, n)
+        rows = t.view(m, n)
     except RuntimeError:  # leading dims that do not collapse into one stride
-        return t.reshape(-1, n).contiguous()
+        return t.reshape(m, n).contiguous()
     if n > 1 and rows.stride(1) != 1:
         return rows.contiguous()
     return rows
@@ -79,13 +80,17 @@ def _torch_fwd(x, residual, weight, bias, eps, rms):
     return y.to(x.dtype), (h if residual is not None else None), mean, rstd
 
 
+def _fwd_outputs(x, has_residual, rms):
+    M, N = x.shape
+    y = _alloc.empty((M, N), x.dtype, x.device)
+    h = _alloc.empty((M, N), x.dtype, x.device) if has_residual else None
+    mean = None if rms else _alloc.empty(M, torch.float32, x.device)
+    return y, h, mean, _alloc.empty(M, torch.float32, x.device)
+
+
 def _triton_fwd(x, residual, weight, bias, eps, rms):
     from dlh_kernels.triton_kernels import layer_norm as kernels
-    M, N = x.shape
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    h = torch.empty_like(y) if residual is not None else None
-    mean = None if rms else torch.empty(M, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    y, h, mean, rstd = _fwd_outputs(x, residual is not None, rms)
     kernels.norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, rms)
     return y, h, mean, rstd
 
@@ -93,12 +98,9 @@ def _triton_fwd(x, residual, weight, bias, eps, rms):
 def _cuda_fwd(x, residual, weight, bias, eps, rms):
     C = _ext.ext()
     M, N = x.shape
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    h = torch.empty_like(y) if residual is not None else None
-    mean = None if rms else torch.empty(M, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    y, h, mean, rstd = _fwd_outputs(x, residual is not None, rms)
     sms = _ext.sm_count(x.device.index)
-    ws = torch.empty(C.norm_fwd_workspace(M, N, sms) // 4 + 1, dtype=torch.float32, device=x.device)
+    ws = _alloc.empty(C.norm_fwd_workspace(M, N, sms) // 4 + 1, torch.float32, x.device)
     w_dtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else x.dtype)
     C.norm_fwd(x.data_ptr(), _ext.ptr(residual), _ext.ptr(weight), _ext.ptr(bias), y.data_ptr(),
                _ext.ptr(h), _ext.ptr(mean), rstd.data_ptr(), ws.data_ptr(),
@@ -126,7 +128,7 @@ def _torch_bwd(dy, h, weight, mean, rstd, dh, weight_grad, bias_grad):
 
 def _triton_bwd(dy, h, weight, mean, rstd, dh, weight_grad, bias_grad):
     from dlh_kernels.triton_kernels import layer_norm as kernels
-    dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    dx = _alloc.empty(h.shape, h.dtype, h.device)
     dw, db = kernels.norm_bwd(dy, h, weight, mean, rstd, dh, dx, weight_grad, bias_grad)
     return dx, dw, db
 
@@ -134,11 +136,11 @@ def _triton_bwd(dy, h, weight, mean, rstd, dh, weight_grad, bias_grad):
 def _cuda_bwd(dy, h, weight, mean, rstd, dh, weight_grad, bias_grad):
     C = _ext.ext()
     M, N = h.shape
-    dx = torch.empty((M, N), dtype=h.dtype, device=h.device)
-    dw = torch.empty(N, dtype=torch.float32, device=h.device) if weight_grad else None
-    db = torch.empty(N, dtype=torch.float32, device=h.device) if bias_grad else None
+    dx = _alloc.empty((M, N), h.dtype, h.device)
+    dw = _alloc.empty(N, torch.float32, h.device) if weight_grad else None
+    db = _alloc.empty(N, torch.float32, h.device) if bias_grad else None
     sms = _ext.sm_count(h.device.index)
-    ws = torch.empty(C.norm_bwd_workspace(M, N, sms) // 4 + 1, dtype=torch.float32, device=h.device)
+    ws = _alloc.empty(C.norm_bwd_workspace(M, N, sms) // 4 + 1, torch.float32, h.device)
     w_dtype = weight.dtype if weight is not None else h.dtype
     C.norm_bwd(dy.data_ptr(), h.data_ptr(), _ext.ptr(weight), _ext.ptr(mean), rstd.data_ptr(),
                _ext.ptr(dh), dx.data_ptr(), _ext.ptr(dw), _ext.ptr(db), ws.data_ptr(),
@@ -169,16 +171,17 @@ def _norm_backward_impl(backend):
         dx, dw, db = _BWD[backend](_rows(grad_out, n), _rows(h, n), _flat(weight), mean, rstd,
                                    None if grad_h is None else _rows(grad_h, n),
                                    weight_grad, bias_grad)
-        empty = h.new_empty(0, dtype=torch.float32)
-        return dx.view(h.shape), (empty if dw is None else dw), (empty if db is None else db)
+        def empty():
+            return h.new_empty(0, dtype=torch.float32)
+        return dx.view(h.shape), (empty() if dw is None else dw), (empty() if db is None else db)
     return run
 
 
 def _norm_backward_fake(grad_out, grad_h, h, weight, mean, rstd, n, weight_grad, bias_grad, backend):
     column_sums = h.new_empty((n,), dtype=torch.float32)
-    empty = h.new_empty(0, dtype=torch.float32)
     return (torch.empty_like(h, memory_format=torch.contiguous_format),
-            column_sums if weight_grad else empty, column_sums.clone() if bias_grad else empty)
+            column_sums if weight_grad else h.new_empty(0, dtype=torch.float32),
+            column_sums.clone() if bias_grad else h.new_empty(0, dtype=torch.float32))
 
 
 norm_backward = KernelOp(

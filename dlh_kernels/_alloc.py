@@ -1,0 +1,25 @@
+"""Output allocation for the kernel glue.
+
+With poisoning on (`DLH_POISON=1`, or `set_poison(True)`; the test suite turns it on), every
+buffer a kernel is meant to fill starts as NaN, so an element the kernel forgot to write shows
+up as NaN instead of as whatever the allocator left there.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_poison = os.environ.get("DLH_POISON", "0") == "1"
+
+
+def set_poison(on: bool) -> None:
+    global _poison
+    _poison = on
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if _poison:
+        t.fill_(float("nan"))
+    return t

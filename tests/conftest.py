@@ -1,0 +1,55 @@
+"""Suite-wide setup: the Triton interpreter on machines without a GPU, the `gpu` marker, and the
+one table of per-dtype tolerances with the comparison every op test uses."""
+import os
+
+import torch
+
+# Must happen before anything imports triton: without a GPU, the Triton kernels run on CPU
+# tensors through the interpreter. On a GPU machine they run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped cleanly without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# Tolerances, in one place. A kernel's error against the float64 reference (max abs error,
+# divided by max(1, max |reference|)) must be at most FACTOR times the error eager PyTorch makes
+# in the same dtype, plus FLOOR[dtype] for the cases where eager happens to be nearly exact.
+# fp32 math everywhere: fp32 inputs land within a few ulps; fp16/bf16 are dominated by the final
+# rounding of the output (2^-11 and 2^-8 relative), which FLOOR covers once.
+FACTOR = 2.0
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
+
+
+def scaled_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    if ref.numel() == 0:
+        return 0.0
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    out = out.double()
+    assert torch.isfinite(out).all(), "non-finite values in the output (an unwritten element?)"
+    scale = max(1.0, ref.abs().max().item())
+    return (out - ref).abs().max().item() / scale
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype,
+                 what: str = "output") -> None:
+    """out: our result; ref: float64 reference; eager: eager PyTorch in `dtype`."""
+    err, base = scaled_error(out, ref), scaled_error(eager, ref)
+    bound = FACTOR * base + FLOOR[dtype]
+    assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g} (eager {dtype} error {base:.3g})"
