@@ -16,6 +16,7 @@ import importlib.metadata
 import itertools
 import json
 import math
+import os
 import platform
 import re
 import socket
@@ -96,24 +97,24 @@ def rotating(fn: Callable, input_sets: Sequence[tuple]) -> Callable[[], object]:
 
 def measure_ceilings() -> dict[str, float]:
     """Device-to-device copy bandwidth (GB/s) and bf16 matmul rate (TFLOP/s) on this GPU."""
-    nbytes = 1 << 30
+    ceilings = {"copy_gbps": _copy_gbps(), "matmul_bf16_tflops": _matmul_tflops()}
+    torch.cuda.empty_cache()
+    return ceilings
+
+
+def _copy_gbps(nbytes: int = 1 << 30) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()  # never time zeros
     dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src), warmup=100, rep=300)[0]
-    del src, dst
-    size = 8192
+    ms = time_ms(lambda: dst.copy_(src), warmup=100, rep=300)[0]
+    return 2 * nbytes / (ms * 1e-3) / 1e9  # a copy reads every byte once and writes it once
+
+
+def _matmul_tflops(size: int = 8192) -> float:
     a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     c = torch.empty_like(a)
     # long warm-up: the SM clock ramps up under a sustained matmul load
-    matmul_ms = time_ms(lambda: torch.matmul(a, b, out=c), warmup=300, rep=300)[0]
-    del a, b, c
-    torch.cuda.empty_cache()
-    return {
-        # a copy reads every byte once and writes it once
-        "copy_gbps": 2 * nbytes / (copy_ms * 1e-3) / 1e9,
-        # one multiply-add (2 FLOPs) per (i, j, k)
-        "matmul_bf16_tflops": 2 * size**3 / (matmul_ms * 1e-3) / 1e12,
-    }
+    ms = time_ms(lambda: torch.matmul(a, b, out=c), warmup=300, rep=300)[0]
+    return 2 * size**3 / (ms * 1e-3) / 1e12  # one multiply-add (2 FLOPs) per (i, j, k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +136,9 @@ def _version(package: str) -> str:
 
 
 def git_sha() -> str:
+    """The checkout's commit (+dirty); DLH_GIT_SHA where the tree travelled without its .git."""
+    if os.environ.get("DLH_GIT_SHA"):
+        return os.environ["DLH_GIT_SHA"]
     sha = _run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"])
     if sha is None:
         return "unknown"

@@ -44,11 +44,6 @@ def _check(args) -> int:
     return 1 if failed else 0
 
 
-def _bench(args) -> int:
-    from dlh_kernels.bench import main as bench_main
-    return bench_main(args.rest)
-
-
 def _profile(args) -> int:
     """A short Nsight-friendly run: NVTX ranges dlh::<op>[<backend>] inside a profiler range."""
     import torch
@@ -81,6 +76,10 @@ def _profile(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser (dlh bench --help)
+        from dlh_kernels.bench import main as bench_main
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="dlh", description="dlh-kernels: kernels, checks, benchmarks")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="device, backends, build").set_defaults(fn=_info)
@@ -88,9 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--ops", nargs="*")
     p.add_argument("--backends", nargs="*")
     p.set_defaults(fn=_check)
-    p = sub.add_parser("bench", help="microbenchmarks (dlh bench --help)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=_bench)
+    sub.add_parser("bench", help="microbenchmarks (dlh bench --help)")
     p = sub.add_parser("profile", help="a short run with NVTX ranges, for nsys/ncu")
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=4096)
