@@ -1,0 +1,196 @@
+// common.cuh: what every csrc/ file shares.
+//
+// The extension never links libtorch. Python hands us raw device pointers (as integers, 0 for
+// "absent"), sizes, row strides in elements, dtype codes and the CUDA stream; torch owns every
+// allocation. This header therefore has two halves:
+//   * plain C++ (visible to g++ compiling bindings.cpp): dtype codes, argument validation and
+//     the host entry points each .cu file exports;
+//   * CUDA only (under __CUDACC__): launch checking, fp16/bf16 <-> fp32 conversion, 16-byte
+//     vector loads and stores, warp reductions and the dtype dispatcher.
+// Errors: bad arguments throw std::invalid_argument (Python ValueError), CUDA failures throw
+// std::runtime_error("dlh::<kernel>: <cuda error string>") (Python RuntimeError).
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace dlh {
+
+// dtype codes shared with the Python side.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+inline bool valid_dtype(int code) { return code == kFloat32 || code == kFloat16 || code == kBFloat16; }
+
+inline int dtype_size(int code) { return code == kFloat32 ? 4 : 2; }
+
+inline void check_arg(bool ok, const char* fn, const std::string& what) {
+  if (!ok) throw std::invalid_argument(std::string("dlh::") + fn + ": " + what);
+}
+
+inline void check_dtype_code(int code, const char* fn, const char* arg) {
+  check_arg(valid_dtype(code), fn,
+            std::string(arg) + " must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
+                std::to_string(code));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host entry points. Each block is defined in the .cu file named in its heading and bound in
+// bindings.cpp; the argument meanings are documented there.
+// ---------------------------------------------------------------------------------------------
+
+// layer_norm.cu: LayerNorm / RMSNorm, optionally fused with a residual add.
+struct NormFwdArgs {
+  std::uintptr_t x, res, w, b, y, h, mean, rstd, workspace;
+  int64_t M, N, stride_x, stride_res, stride_y, stride_h;
+  float eps;
+  bool rms;
+  int x_dtype, w_dtype, sm_count;
+  std::uintptr_t stream;
+};
+struct NormBwdArgs {
+  std::uintptr_t dy, h, w, mean, rstd, dh_out, dx, dw, db, workspace;
+  int64_t M, N, stride_dy, stride_h, stride_dh, stride_dx;
+  bool rms;
+  int x_dtype, w_dtype, sm_count;
+  std::uintptr_t stream;
+};
+int64_t norm_fwd_workspace(int64_t M, int64_t N, int sm_count);
+void norm_fwd(const NormFwdArgs& args);
+int64_t norm_bwd_workspace(int64_t M, int64_t N, int sm_count);
+void norm_bwd(const NormBwdArgs& args);
+
+}  // namespace dlh
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace dlh {
+
+// Called right after every launch: a bad configuration, a missing device or a missing driver all
+// surface here, as a C++ exception rather than a later, unrelated failure.
+inline void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("dlh::") + kernel + ": " + cudaGetErrorString(err));
+}
+
+inline cudaStream_t as_stream(std::uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
+
+inline bool aligned16(std::uintptr_t ptr) { return ptr % 16 == 0; }
+
+// ---- element conversion: all arithmetic is fp32, storage is T -------------------------------
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// ---- vector access ---------------------------------------------------------------------------
+// A Pack is what one 16-byte (or narrower) load or store moves; alignas makes the compiler emit
+// a single LDG.128 / STG.128 for it.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Elements of T in one 16-byte access.
+template <typename T>
+constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
+
+// Reads VEC consecutive elements row[col .. col+VEC) into out[] as fp32; columns >= end read as 0.
+// `vec_ok` promises that row is 16-byte aligned and col is a multiple of VEC, so that the whole
+// group can move as 16-byte packs (two packs when VEC fp32 weights span 32 bytes). Otherwise
+// (misaligned tensor, or the group straddles the end of the row) it falls back to scalar loads.
+// `row` already points at the start of the caller's tile, so col and end are small 32-bit
+// offsets; all 64-bit arithmetic happens once, when the tile pointer is formed.
+template <int VEC, typename T>
+__device__ __forceinline__ void load_group(const T* row, int col, int end, bool vec_ok, float* out) {
+  constexpr int P = kVec16<T> < VEC ? kVec16<T> : VEC;
+  if (vec_ok && col + VEC <= end) {
+#pragma unroll
+    for (int q = 0; q < VEC; q += P) {
+      const Pack<T, P> pack = *reinterpret_cast<const Pack<T, P>*>(row + col + q);
+#pragma unroll
+      for (int k = 0; k < P; ++k) out[q + k] = to_float(pack.v[k]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = col + k < end ? to_float(row[col + k]) : 0.f;
+  }
+}
+
+// Writes in[0..VEC) to row[col .. col+VEC) rounded to T; columns >= end are left untouched.
+template <int VEC, typename T>
+__device__ __forceinline__ void store_group(T* row, int col, int end, bool vec_ok, const float* in) {
+  constexpr int P = kVec16<T> < VEC ? kVec16<T> : VEC;
+  if (vec_ok && col + VEC <= end) {
+#pragma unroll
+    for (int q = 0; q < VEC; q += P) {
+      Pack<T, P> pack;
+#pragma unroll
+      for (int k = 0; k < P; ++k) pack.v[k] = from_float<T>(in[q + k]);
+      *reinterpret_cast<Pack<T, P>*>(row + col + q) = pack;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      if (col + k < end) row[col + k] = from_float<T>(in[k]);
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void fill(float* out, float value) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = value;
+}
+
+// ---- reductions --------------------------------------------------------------------------------
+// Butterfly (xor) reduction: every lane ends with the full sum, and since a+b == b+a exactly in
+// IEEE arithmetic, every lane holds the bitwise same value. Needs all 32 lanes active.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// ---- dtype dispatch ----------------------------------------------------------------------------
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<T>{}, TypeTag<W>{}) for the activation type T (x_dtype) and the parameter type
+// W (w_dtype), which is either float32 or T. Any other combination is a ValueError.
+template <typename F>
+void dispatch_norm_types(int x_dtype, int w_dtype, const char* fn, F&& f) {
+  check_dtype_code(x_dtype, fn, "x_dtype");
+  check_dtype_code(w_dtype, fn, "w_dtype");
+  check_arg(w_dtype == kFloat32 || w_dtype == x_dtype, fn,
+            "w_dtype must be float32 (0) or equal to x_dtype (" + std::to_string(x_dtype) +
+                "), got " + std::to_string(w_dtype));
+  const bool w_f32 = w_dtype == kFloat32;
+  switch (x_dtype) {
+    case kFloat32:
+      f(TypeTag<float>{}, TypeTag<float>{});
+      break;
+    case kFloat16:
+      if (w_f32) f(TypeTag<__half>{}, TypeTag<float>{});
+      else f(TypeTag<__half>{}, TypeTag<__half>{});
+      break;
+    default:
+      if (w_f32) f(TypeTag<__nv_bfloat16>{}, TypeTag<float>{});
+      else f(TypeTag<__nv_bfloat16>{}, TypeTag<__nv_bfloat16>{});
+      break;
+  }
+}
+
+}  // namespace dlh
+#endif  // __CUDACC__
