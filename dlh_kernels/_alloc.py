@@ -23,3 +23,11 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if _poison:
         t.fill_(float("nan"))
     return t
+
+
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    """Like torch.empty_like (same strides when t is dense, else contiguous), poisoned if on."""
+    out = torch.empty_like(t)
+    if _poison:
+        out.fill_(float("nan"))
+    return out

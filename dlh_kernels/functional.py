@@ -3,6 +3,7 @@
 Signatures follow ``torch.nn.functional``; every function also takes a keyword-only
 ``backend=`` ("auto", "triton", "cuda", "torch"; None: the current default).
 """
+from .ops.gelu import geglu, gelu, linear_gelu
 from .ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
-__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "geglu", "linear_gelu"]

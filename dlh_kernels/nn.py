@@ -28,4 +28,12 @@ class RMSNorm(torch.nn.RMSNorm):
         return DF.rms_norm(x, self.normalized_shape, self.weight, self.eps, backend=self.backend)
 
 
-__all__ = ["LayerNorm", "RMSNorm"]
+
+class GELU(torch.nn.GELU):
+    backend: Optional[str] = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return DF.gelu(input, self.approximate, backend=self.backend)
+
+
+__all__ = ["LayerNorm", "RMSNorm", "GELU"]

@@ -20,9 +20,10 @@ from . import nn as dnn
 _SWAPS = {
     torch.nn.LayerNorm: ("layer_norm", dnn.LayerNorm),
     torch.nn.RMSNorm: ("rms_norm", dnn.RMSNorm),
+    torch.nn.GELU: ("gelu", dnn.GELU),
 }
 # Modules later issues will cover: reported as left, with the reason.
-_NOT_YET = (torch.nn.GroupNorm, torch.nn.GELU, torch.nn.Conv2d, torch.nn.MultiheadAttention)
+_NOT_YET = (torch.nn.GroupNorm, torch.nn.Conv2d, torch.nn.MultiheadAttention)
 
 
 @dataclass

@@ -118,6 +118,7 @@ class _Block(torch.nn.Module):
         self.ln = torch.nn.LayerNorm(d)
         self.proj = torch.nn.Linear(d, d)
         self.inner = torch.nn.Sequential(torch.nn.RMSNorm(d), torch.nn.GELU())
+        self.gn = torch.nn.GroupNorm(2, d)  # no dlh kernel yet: reported as left (unused here)
 
     def forward(self, x):
         return self.inner(self.proj(self.ln(x)))
@@ -144,16 +145,18 @@ def test_patch_swaps_reports_and_unpatches():
 
     report = dlh.patch(model, backend="triton")
     assert type(model.ln) is dlh.nn.LayerNorm and type(model.inner[0]) is dlh.nn.RMSNorm
-    assert [r[0] for r in report.replaced] == ["ln", "inner.0"]
-    assert ("inner.1", "GELU", "no dlh kernel for it yet") in report.left
-    assert "replaced 2 module(s)" in str(report)
+    assert type(model.inner[1]) is dlh.nn.GELU
+    assert [r[0] for r in report.replaced] == ["ln", "inner.0", "inner.1"]
+    assert ("gn", "GroupNorm", "no dlh kernel for it yet") in report.left
+    assert "replaced 3 module(s)" in str(report)
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert list(model.parameters()) == opt_params  # same tensors: an optimizer keeps working
     torch.testing.assert_close(model(x), before)
 
-    assert dlh.unpatch(model) == 2
+    assert dlh.unpatch(model) == 3
     assert type(model.ln) is torch.nn.LayerNorm and type(model.inner[0]) is torch.nn.RMSNorm
+    assert type(model.inner[1]) is torch.nn.GELU
     torch.testing.assert_close(model(x), before)
 
 

@@ -30,7 +30,7 @@ def test_triton_kernels_compile(arch):
 # ---- the child process: everything below runs without the interpreter ----------------------
 
 
-def compile_kernel(fn, target, pointers, scalars, constexprs, num_warps=4):
+def compile_kernel(fn, target, pointers, scalars, constexprs, num_warps=4, num_stages=3):
     """pointers: {name: element type or None (absent)}; scalars: {name: type}."""
     import triton
     from triton.compiler import ASTSource
@@ -45,7 +45,7 @@ def compile_kernel(fn, target, pointers, scalars, constexprs, num_warps=4):
     # keep the kernel's own argument order
     signature = {a: signature[a] for a in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                              target=target, options={"num_warps": num_warps})
+                              target=target, options={"num_warps": num_warps, "num_stages": num_stages})
     assert compiled.asm.get("cubin"), "no machine code"
 
 
@@ -95,6 +95,42 @@ def backward_kernels(target, dtype, rms, split, residual):
              CHUNKS_P2=32 if split else 1), num_warps=8)
 
 
+def gelu_kernels(target, dtype, tanh, bias):
+    x, i32, i64 = dtype, "i32", "i64"
+    b = ("fp32" if dtype == "bf16" else x) if bias else None
+    # N as i64: the flat path of a tensor past 2^31 elements
+    for n_type in (i32, i64):
+        compile_kernel(
+            G.gelu_fwd_kernel, target, dict(X=x, Bias=b, Y=x),
+            dict(M=i32, N=n_type, stride_x=i32, stride_y=i32),
+            dict(TANH=tanh, HAS_BIAS=bias, BLOCK_M=1, BLOCK_N=4096), num_warps=8)
+    compile_kernel(
+        G.gelu_bwd_kernel, target, dict(DY=x, X=x, Bias=b, DX=x, DB_PART="fp32" if bias else None),
+        dict(M=i32, N=i32, stride_dy=i32, stride_x=i32, stride_dx=i32, rows_per_group=i32),
+        dict(TANH=tanh, HAS_BIAS=bias, BIAS_GRAD=bias, BLOCK_M=4, BLOCK_N=1024), num_warps=8)
+    compile_kernel(
+        G.geglu_fwd_kernel, target, dict(X=x, Y=x), dict(M=i32, H=i32, stride_x=i32, stride_y=i32),
+        dict(TANH=tanh, BLOCK_M=4, BLOCK_N=1024), num_warps=8)
+    compile_kernel(
+        G.geglu_bwd_kernel, target, dict(DY=x, X=x, DX=x),
+        dict(M=i32, H=i32, stride_dy=i32, stride_x=i32, stride_dx=i32),
+        dict(TANH=tanh, BLOCK_M=4, BLOCK_N=1024), num_warps=8)
+    # the smallest autotune config everywhere, the largest for bf16 (compiling one takes
+    # ~10 s), forward and gradient epilogues
+    configs = [(64, 32, 32, 4, 5)] + ([(128, 256, 64, 8, 3)] if dtype == "bf16" and not tanh else [])
+    for (bm, bn, bk, warps, stages) in configs:
+        for grad in (False, True):
+            compile_kernel(
+                G.linear_gelu_kernel, target,
+                dict(A=x, W=x, Bias=x if bias else None, C=x, DC=x if grad else None),
+                dict(M=i32, N=i32, K=i32, stride_am=i32, stride_ak=i32, stride_wn=i32,
+                     stride_wk=i32, stride_cm=i32, stride_dcm=i32, M_BUCKET=i32),
+                dict(TANH=tanh, HAS_BIAS=bias, GRAD=grad,
+                     INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_FP32=False,
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+                num_warps=warps, num_stages=stages)
+
+
 def main(arch: int) -> int:
     try:
         from triton.backends.compiler import GPUTarget
@@ -112,6 +148,14 @@ def main(arch: int) -> int:
             backward_kernels(target, dtype, *flags)
             count += 1
     print(f"compiled {count} variants of the norm kernels for sm_{arch}")
+    global G
+    from dlh_kernels.triton_kernels import gelu as G
+    count = 0
+    for dtype in ("bf16", "fp16", "fp32"):
+        for tanh, bias in ((False, False), (True, True)):
+            gelu_kernels(target, dtype, tanh, bias)
+            count += 1
+    print(f"compiled {count} variants of the gelu kernels for sm_{arch}")
     return 0
 
 

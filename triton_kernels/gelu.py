@@ -1,0 +1,378 @@
+"""GELU, bias-GELU and GeGLU in Triton, forward and backward; and the GELU in a matmul epilogue.
+
+Math (all arithmetic in fp32, storage in the input dtype), z the pre-activation:
+
+    exact:  gelu(z)  = z * Phi(z) = 0.5 * z * (1 + erf(z / sqrt(2)))
+            gelu'(z) = Phi(z) + z * phi(z),   phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
+    tanh:   gelu(z)  = 0.5 * z * (1 + tanh(u)),  u = sqrt(2/pi) * (z + 0.044715 z^3)
+                     = z * s,  s = sigmoid(2u)          (the same number; no tanh needed and
+                                                         no overflow for large |u|)
+            gelu'(z) = s + 2 z s (1 - s) * sqrt(2/pi) * (1 + 3 * 0.044715 z^2)
+
+    bias-GELU: z = x + b[n] (b broadcast over the last dim); db = sum over rows of dz.
+    GeGLU:     a, g = the two halves of a row of 2H; y = a * gelu(g);
+               da = dy * gelu(g),  dg = dy * a * gelu'(g).
+    linear_gelu: y = gelu(x @ W^T + b), the GELU applied to the fp32 accumulator tile before the
+               one store; its backward recomputes z with the same matmul and stores
+               dz = dy * gelu'(z) from the epilogue (torch's matmuls then give dx, dW; db = sum dz).
+
+Bytes per element (s = element size): gelu forward reads x, writes y (2s); backward reads dy
+and x, writes dx (3s). GeGLU forward reads 2 and writes 1 per output element (3s), backward
+reads dy, a, g and writes da, dg (5s). The elementwise kernels do no other memory traffic
+(bias and the db partials are O(N) per row group), so they are bound by bandwidth: the goal is
+the copy ceiling. linear_gelu does 2*M*N*K FLOPs and moves (M*K + N*K + M*N)*s at least.
+
+Layouts: the elementwise kernels see (M, N) views with a unit column stride and any row stride;
+a dense tensor without bias is processed as one flat row (M = 1, N = numel) in storage order,
+so channels_last and other permuted layouts need no copy. Offsets are 64-bit.
+
+Versions:
+- v1 (this one): 2-D tiles of ~4K elements per program; db from per-row-group fp32 partials
+  summed by torch (deterministic); linear_gelu is the classic grouped-tile tl.dot matmul with
+  an autotuned config list on GPU. Checked under the Triton interpreter on CPU against float64
+  and compiled for sm_80/sm_90; not yet run or timed on a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from dlh_kernels._alloc import empty
+
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+TANH_CUBIC = tl.constexpr(0.044715)
+# Elements one program of an elementwise kernel handles: 8 KB of bf16 in, enough independent
+# loads per thread (32 with 4 warps) to cover memory latency.
+TILE = 4096
+
+
+@triton.jit
+def gelu_fp32(z, TANH: tl.constexpr):
+    """gelu(z) of an fp32 tile."""
+    if TANH:
+        u = SQRT_2_OVER_PI * (z + TANH_CUBIC * z * z * z)
+        return z * tl.sigmoid(2.0 * u)
+    else:
+        return 0.5 * z * (1.0 + tl.erf(z * INV_SQRT_2))
+
+
+@triton.jit
+def gelu_grad_fp32(z, TANH: tl.constexpr):
+    """gelu'(z) of an fp32 tile."""
+    if TANH:
+        u = SQRT_2_OVER_PI * (z + TANH_CUBIC * z * z * z)
+        s = tl.sigmoid(2.0 * u)
+        return s + 2.0 * z * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_CUBIC * z * z)
+    else:
+        return 0.5 * (1.0 + tl.erf(z * INV_SQRT_2)) + z * tl.exp(-0.5 * z * z) * INV_SQRT_2PI
+
+
+@triton.jit
+def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows and columns (int64) of program pid's tile, tiles ordered along the rows first."""
+    col_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m = (pid // col_tiles).to(tl.int64)
+    pid_n = (pid % col_tiles).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, cols
+
+
+@triton.jit
+def gelu_fwd_kernel(
+    X,  # pointer to the input, (M, N), row stride stride_x
+    Bias,  # pointer to the bias, (N,), or None
+    Y,  # pointer to the output, (M, N), row stride stride_y
+    M, N, stride_x, stride_y,
+    TANH: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows, cols = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    z = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(Bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    y = gelu_fp32(z, TANH)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gelu_bwd_kernel(
+    DY,  # pointer to the output gradient, (M, N), row stride stride_dy
+    X,  # pointer to the forward input, (M, N), row stride stride_x
+    Bias,  # pointer to the bias, (N,), or None
+    DX,  # pointer to the input gradient, (M, N), row stride stride_dx
+    DB_PART,  # pointer to fp32 bias-gradient partials, (groups, N), or None
+    M, N, stride_dy, stride_x, stride_dx,
+    rows_per_group,  # rows each program walks (a multiple of BLOCK_M)
+    TANH: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Program (group g, column tile): rows [g * rows_per_group, +rows_per_group) of its columns.
+    # Without a bias gradient rows_per_group == BLOCK_M: one tile per program.
+    col_tiles = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    group = (pid // col_tiles).to(tl.int64)
+    cols = (pid % col_tiles).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if HAS_BIAS:
+        b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = group * rows_per_group
+    for r in range(0, rows_per_group, BLOCK_M):
+        rows = row_start + r + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_ok[None, :]
+        z = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            z += b[None, :]
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dz = dy * gelu_grad_fp32(z, TANH)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dz.to(DX.dtype.element_ty), mask=mask)
+        if BIAS_GRAD:
+            db += tl.sum(dz, axis=0)  # masked lanes hold dy = 0
+    if BIAS_GRAD:
+        tl.store(DB_PART + group * N + cols, db, mask=col_ok)
+
+
+@triton.jit
+def geglu_fwd_kernel(
+    X,  # pointer to the input, (M, 2H): value half then gate half; row stride stride_x
+    Y,  # pointer to the output, (M, H), row stride stride_y
+    M, H, stride_x, stride_y,
+    TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows, cols = _tile(tl.program_id(0), M, H, BLOCK_M, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < H)[None, :]
+    x_offsets = rows[:, None] * stride_x + cols[None, :]
+    a = tl.load(X + x_offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(X + x_offsets + H, mask=mask, other=0.0).to(tl.float32)
+    y = a * gelu_fp32(g, TANH)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def geglu_bwd_kernel(
+    DY,  # pointer to the output gradient, (M, H), row stride stride_dy
+    X,  # pointer to the forward input, (M, 2H), row stride stride_x
+    DX,  # pointer to the input gradient, (M, 2H), row stride stride_dx
+    M, H, stride_dy, stride_x, stride_dx,
+    TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows, cols = _tile(tl.program_id(0), M, H, BLOCK_M, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < H)[None, :]
+    x_offsets = rows[:, None] * stride_x + cols[None, :]
+    a = tl.load(X + x_offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(X + x_offsets + H, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dx_offsets = rows[:, None] * stride_dx + cols[None, :]
+    tl.store(DX + dx_offsets, (dy * gelu_fp32(g, TANH)).to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + dx_offsets + H, (dy * a * gelu_grad_fp32(g, TANH)).to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def linear_gelu_kernel(
+    A,  # pointer to the input, (M, K), strides (stride_am, stride_ak)
+    W,  # pointer to the weight, (N, K), strides (stride_wn, stride_wk)
+    Bias,  # pointer to the bias, (N,), or None
+    C,  # pointer to the output, (M, N), row stride stride_cm: gelu(z), or dz when GRAD
+    DC,  # GRAD only: pointer to the output gradient dy, (M, N), row stride stride_dcm
+    M, N, K,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_dcm,
+    M_BUCKET,  # unused by the kernel: the autotuner's key (M rounded up to a power of two)
+    TANH: tl.constexpr, HAS_BIAS: tl.constexpr, GRAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 unless torch allows tf32; ignored for 16-bit
+    DOT_FP32: tl.constexpr,  # interpreter only: its bf16 tl.dot multiplies raw bits (Triton 3.9)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row tiles share each column tile of W while it is in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rows[:, None] * stride_am + ks[None, :] * stride_ak
+    w_ptrs = W + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    row_ok = rows < M
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = ks < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    # Epilogue: bias and the activation (or its gradient) on the fp32 accumulator, one store.
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if GRAD:
+        dy = tl.load(DC + rows[:, None] * stride_dcm + cols[None, :], mask=mask, other=0.0)
+        out = dy.to(tl.float32) * gelu_grad_fp32(acc, TANH)
+    else:
+        out = gelu_fp32(acc, TANH)
+    tl.store(C + rows[:, None] * stride_cm + cols[None, :], out.to(C.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers. Row tensors are (M, N) with a unit column stride (the glue makes sure).
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class _Tiles(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _tiles(M: int, N: int) -> _Tiles:
+    block_n = min(triton.next_power_of_2(N), TILE)
+    block_m = max(1, min(triton.next_power_of_2(M), TILE // block_n))
+    return _Tiles(block_m, block_n, 8 if block_m * block_n >= 4096 else 4)
+
+
+def gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor, tanh: bool) -> None:
+    M, N = x.shape
+    if M == 0 or N == 0:
+        return
+    t = _tiles(M, N)
+    grid = (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),)
+    gelu_fwd_kernel[grid](x, bias, y, M, N, x.stride(0), y.stride(0),
+                          TANH=tanh, HAS_BIAS=bias is not None,
+                          BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
+
+
+def _programs_wanted(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter
+    from dlh_kernels._ext import sm_count
+    return 4 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], dx: torch.Tensor,
+             tanh: bool, bias_grad: bool) -> Optional[torch.Tensor]:
+    """Fill dx; return the fp32 bias gradient (N,) when asked for, else None."""
+    M, N = x.shape
+    if M == 0 or N == 0:
+        return torch.zeros(N, dtype=torch.float32, device=x.device) if bias_grad else None
+    t = _tiles(M, N)
+    col_tiles = triton.cdiv(N, t.block_n)
+    row_tiles = triton.cdiv(M, t.block_m)
+    groups = row_tiles
+    if bias_grad:  # few enough row groups that the partials stay small, enough to fill the GPU
+        groups = max(1, min(row_tiles, triton.cdiv(_programs_wanted(x.device), col_tiles)))
+    rows_per_group = triton.cdiv(row_tiles, groups) * t.block_m
+    groups = triton.cdiv(M, rows_per_group)
+    db_part = empty((groups, N), torch.float32, x.device) if bias_grad else None
+    gelu_bwd_kernel[(groups * col_tiles,)](
+        dy, x, bias, dx, db_part, M, N, dy.stride(0), x.stride(0), dx.stride(0), rows_per_group,
+        TANH=tanh, HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
+    return db_part.sum(0) if bias_grad else None
+
+
+def geglu_fwd(x: torch.Tensor, y: torch.Tensor, tanh: bool) -> None:
+    """x: (M, 2H) rows, y: (M, H) rows."""
+    M, H = y.shape
+    if M == 0 or H == 0:
+        return
+    t = _tiles(M, H)
+    grid = (triton.cdiv(M, t.block_m) * triton.cdiv(H, t.block_n),)
+    geglu_fwd_kernel[grid](x, y, M, H, x.stride(0), y.stride(0), TANH=tanh,
+                           BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
+
+
+def geglu_bwd(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, tanh: bool) -> None:
+    M, H = dy.shape
+    if M == 0 or H == 0:
+        return
+    t = _tiles(M, H)
+    grid = (triton.cdiv(M, t.block_m) * triton.cdiv(H, t.block_n),)
+    geglu_bwd_kernel[grid](dy, x, dx, M, H, dy.stride(0), x.stride(0), dx.stride(0), TANH=tanh,
+                           BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
+
+
+# linear_gelu tiles. On GPU the autotuner picks among these per (M, N, K) bucket; the list is the
+# usual Hopper/Ampere set for bf16 (128x128 to 128x256 tiles, 3-4 stages). Under the interpreter
+# (no driver, so no autotuner) one small config runs.
+def _matmul_configs():
+    def cfg(bm, bn, bk, group, warps, stages):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                             num_warps=warps, num_stages=stages)
+    return [
+        cfg(128, 256, 64, 8, 8, 3),
+        cfg(256, 128, 64, 8, 8, 3),
+        cfg(128, 128, 64, 8, 8, 4),
+        cfg(128, 128, 64, 8, 4, 4),
+        cfg(128, 64, 64, 8, 4, 4),
+        cfg(64, 128, 64, 8, 4, 4),
+        cfg(128, 128, 32, 8, 4, 4),
+        cfg(64, 64, 64, 8, 4, 4),
+        cfg(64, 32, 32, 8, 4, 5),
+    ]
+
+
+INTERPRETER_MATMUL_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+
+
+def _bucket(n: int) -> int:
+    """Autotune key: the next power of two, so every batch size does not re-tune."""
+    return triton.next_power_of_2(max(1, n))
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_linear_gelu():
+    return triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K", "GRAD"])(linear_gelu_kernel)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"  # as F.linear: full fp32 unless the user allowed tf32
+    return "tf32"
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                out: torch.Tensor, tanh: bool, grad_out: Optional[torch.Tensor] = None) -> None:
+    """out = gelu(x @ weight^T + bias); with grad_out: out = grad_out * gelu'(x @ weight^T + bias).
+
+    x: (M, K) any strides; weight: (N, K) any strides; out, grad_out: (M, N) unit column stride.
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    if M == 0 or N == 0:
+        return
+    grad = grad_out is not None
+    args = (x, weight, bias, out, grad_out, M, N, K, x.stride(0), x.stride(1),
+            weight.stride(0), weight.stride(1), out.stride(0), grad_out.stride(0) if grad else 0,
+            _bucket(M))
+    flags = dict(TANH=tanh, HAS_BIAS=bias is not None, GRAD=grad,
+                 INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_interpreting())
+    if _interpreting():
+        c = INTERPRETER_MATMUL_CONFIG
+        grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
+        linear_gelu_kernel[grid](*args, **flags, **c)
+        return
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _tuned_linear_gelu()[grid](*args, **flags)
