@@ -21,12 +21,14 @@ import platform
 import re
 import socket
 import subprocess
+import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
 QUANTILES = (0.5, 0.2, 0.8)  # reported as p50, p20, p80
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, for an editable install
 
 
@@ -92,6 +94,42 @@ def rotating(fn: Callable, input_sets: Sequence[tuple]) -> Callable[[], object]:
     return lambda: fn(*next(sets))
 
 
+def time_ms_resetting(fn: Callable, reset: Callable, sets: list, *, warmup: int, rep: int):
+    """(p50, p20, p80) ms of ``fn(s)`` over the rotating sets, ``reset(s)`` before every call.
+
+    For a provider that writes over its inputs: without the reset each set would go through
+    hundreds of backward passes and the timing would end on zeros. As in do_bench, CUDA events
+    bracket ``fn`` alone, and L2 is flushed between calls (after the reset, whose writes would
+    otherwise leave the inputs in cache).
+    """
+    flush = torch.empty(max(256 << 20, 2 * l2_bytes()), dtype=torch.int8, device="cuda")
+    cycle = itertools.cycle(sets)
+
+    def one(events=None):
+        s = next(cycle)
+        reset(s)
+        flush.zero_()
+        if events:
+            events[0].record()
+        fn(s)
+        if events:
+            events[1].record()
+
+    def timed(n):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(n)]
+        for e in events:
+            one(e)
+        torch.cuda.synchronize()
+        return torch.tensor([s.elapsed_time(e) for s, e in events])
+
+    estimate = max(timed(5).median().item(), 1e-3)
+    for _ in range(max(1, int(warmup / estimate))):
+        one()
+    times = timed(max(10, int(rep / estimate)))
+    return tuple(torch.quantile(times, torch.tensor(QUANTILES)).tolist())
+
+
 # ---------------------------------------------------------------------------------------------
 # Ceilings: what this device can do at best, measured at the start of every run
 
@@ -109,12 +147,19 @@ def _copy_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9  # a copy reads every byte once and writes it once
 
 
-def _matmul_tflops(size: int = 8192) -> float:
-    a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+def _matmul_tflops(size: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    a, b = (torch.randn(size, size, device="cuda", dtype=dtype) for _ in range(2))
     c = torch.empty_like(a)
     # long warm-up: the SM clock ramps up under a sustained matmul load
     ms = time_ms(lambda: torch.matmul(a, b, out=c), warmup=300, rep=300)[0]
     return 2 * size**3 / (ms * 1e-3) / 1e12  # one multiply-add (2 FLOPs) per (i, j, k)
+
+
+def matmul_ceiling(dtype: str, ceilings: dict) -> tuple[str, float]:
+    """(name, TFLOP/s) of the large-matmul ceiling in the run's dtype (bf16: the common one)."""
+    if dtype == "bf16":
+        return "matmul_bf16_tflops", ceilings["matmul_bf16_tflops"]
+    return f"matmul_{dtype}_tflops", _matmul_tflops(dtype=DTYPES[dtype])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +249,39 @@ def format_table(rows: Iterable[dict], columns: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(rows: Iterable[dict], keys: Sequence[str], cell: Callable[[dict], str]) -> list[dict]:
+    """One table line per distinct ``keys`` of the rows (first seen first), holding those keys
+    and, under each row's provider, ``cell(row)``: the providers side by side, shape by shape."""
+    rows = list(rows)
+    table = []
+    for shape in dict.fromkeys(tuple(r[k] for k in keys) for r in rows):
+        line = dict(zip(keys, shape))
+        for r in rows:
+            if tuple(r[k] for k in keys) == shape:
+                line[r["provider"]] = cell(r)
+        table.append(line)
+    return table
+
+
+def gbps_summary(rows: list[dict], copy_gbps: float, ops: Iterable[str], modes: Iterable[str],
+                 providers: Sequence[str], label: Callable[[str], str] = str) -> str:
+    """GB/s (% of copy) per shape, providers side by side, one block per (op, mode): the summary
+    of a memory-bound sweep whose rows hold op, mode, provider, case, M, N, gbps and pct_copy.
+    ``label(op)`` names the op in the blocks' headers."""
+    blocks = []
+    names = [p for p in providers if any(r["provider"] == p for r in rows)]
+    for op in ops:
+        for mode in modes:
+            sub = [r for r in rows if r["op"] == op and r["mode"] == mode]
+            if not sub:
+                continue
+            table = side_by_side(sub, ("case", "M", "N"), lambda r: f"{r['gbps']:.0f} ({r['pct_copy']:.0f}%)")
+            header = f"{label(op)} {mode}: GB/s (% of the {copy_gbps:,.0f} GB/s copy)"
+            blocks.append(header + "\n" + format_table(
+                table, {"case": "case", "M": "M", "N": "N", **{p: p for p in names}}))
+    return "\n\n".join(blocks)
+
+
 def write_results(rows: list[dict], meta: dict, out_dir: Path, name: str, extra: Optional[dict] = None) -> list[Path]:
     """``<name>.csv`` and ``<name>.json`` under ``out_dir``, every row tagged with ``meta``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,3 +333,190 @@ def plot_lines(rows: list[dict], path: Path, *, panel: Callable[[dict], str], se
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers: the parts every benchmark's list of them shares. A provider that cannot run on
+# this machine is the reason why (a str), reported as a skip.
+
+def short_error(exc: BaseException) -> str:
+    """``Class: first line of the message``, at most 160 characters: a skip's reason."""
+    msg = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {msg[0] if msg else ''}"[:160]
+
+
+def not_importable(package: str, exc: BaseException) -> str:
+    """The reason a peer (Liger, Apex, ...) is skipped when importing it raised ``exc``."""
+    return f"{package} is not importable ({exc.__class__.__name__}: {exc})"
+
+
+def dlh_functional(backend: str):
+    """``dlh_kernels.functional`` when dlh's ``backend`` is available here, else the reason (a str)."""
+    try:
+        import dlh_kernels as dlh
+        import dlh_kernels.functional as DF
+    except Exception as exc:
+        return f"dlh_kernels.functional is not importable ({short_error(exc)})"
+    status = dlh.backends().get(backend, "unknown backend")
+    if status != "available":
+        return status
+    return DF
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn, dynamic=False)``: one graph per shape (and per requires_grad, ...).
+
+    Dynamo's recompile limit is raised so that it never falls back to eager halfway through the
+    sweep (that would time eager under the torch.compile label).
+    """
+    cfg = torch._dynamo.config
+    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 256)
+    return torch.compile(fn, dynamic=False)
+
+
+def max_rel_err(y: torch.Tensor, ref: torch.Tensor, chunk: int = 1 << 24) -> float:
+    """max |y - ref| / (1 + |ref|): about one bf16 ulp between correct kernels.
+
+    In float32, a slice of rows at a time: at the largest shape whole-tensor temporaries would
+    take tens of GiB."""
+    y, ref = y.reshape(-1, y.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    rows = max(1, chunk // max(1, y.shape[-1]))
+    err = 0.0
+    for i in range(0, y.shape[0], rows):
+        a, r = y[i:i + rows].float(), ref[i:i + rows].float()
+        chunk_err = ((a - r).abs() / (1 + r.abs())).max().item()
+        if chunk_err != chunk_err:  # NaN: Python's max() would drop it
+            return chunk_err
+        err = max(err, chunk_err)
+    return err
+
+
+def memory_shortfall(need: int) -> Optional[str]:
+    """None if ``need`` bytes fit in the device's free memory, else why not (a skip's reason)."""
+    free = torch.cuda.mem_get_info()[0]
+    if need > free:
+        return f"needs about {need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: ceilings, then shapes x providers into a Sweep, then its files and summary
+
+class Sweep:
+    """The rows measured so far, the providers skipped and why, and the timing settings.
+
+    A benchmark subclasses it with its ``name`` (the stem of its result files), a way to bench
+    one shape, and its ``plot``; `run_sweep` drives it.
+    """
+
+    name = "sweep"
+
+    def __init__(self, dtype: str, warmup_ms: int, rep_ms: int):
+        self.dtype, self.torch_dtype = dtype, DTYPES[dtype]
+        self.elem = torch.finfo(self.torch_dtype).bits // 8
+        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+        self.rows: list[dict] = []
+        self.skipped: dict[str, str] = {}
+
+    def skip(self, what: str, why: str) -> None:
+        self.skipped[what] = why
+        print(f"skip {what}: {why}")
+
+    def skip_unavailable(self, label: str, provs: dict[str, Union[object, str]]) -> dict:
+        """Report each provider that is a reason (a str) as a skip of ``label name``; ``provs``."""
+        for name, p in provs.items():
+            if isinstance(p, str):
+                self.skip(f"{label} {name}", p)
+        return provs
+
+    def time(self, fn: Callable[[], object]) -> tuple[float, float, float]:
+        """(p50, p20, p80) ms of ``fn()`` with this sweep's warm-up and repetitions."""
+        return time_ms(fn, warmup=self.warmup_ms, rep=self.rep_ms)
+
+    def time_sets(self, call: Callable, sets: Sequence[tuple]) -> tuple[float, float, float]:
+        """(p50, p20, p80) ms of ``call(*s)`` over the rotating input sets ``sets``, after an
+        untimed call on each of the first two: compilation and autotuning stay out of the timing."""
+        for s in sets[:2]:
+            call(*s)
+        return self.time(rotating(call, sets))
+
+    def save(self, meta: dict, out: Path) -> None:
+        """``<name>.csv``, ``.json`` (with the skips) and the plot under ``out``; nothing if no rows."""
+        if not self.rows:
+            return
+        write_results(self.rows, meta, out, self.name, extra={"skipped": self.skipped})
+        self.plot(meta, out)
+
+    def plot(self, meta: dict, out: Path) -> None:
+        """The run's plot, ``out / f"{name}.png"``: none unless a subclass draws one."""
+
+    def title(self, meta: dict) -> str:
+        """The plot's title: device, dtype, date and commit."""
+        return f"{meta['device']} {self.dtype}, {meta['date_utc']}, git {meta['git_sha']}"
+
+
+class CopySweep(Sweep):
+    """The Sweep of a memory-bound benchmark: its rows' GB/s are held to ``copy_gbps``."""
+
+    def __init__(self, dtype: str, copy_gbps: float, warmup_ms: int, rep_ms: int):
+        super().__init__(dtype, warmup_ms, rep_ms)
+        self.copy_gbps = copy_gbps
+
+
+def runnable(provs: dict[str, Union[object, str]]) -> Iterable[tuple[str, object]]:
+    """(name, provider) of each provider that can run here: not a reason why not (a str)."""
+    return ((name, p) for name, p in provs.items() if not isinstance(p, str))
+
+
+def run_ops(new_sweep: Callable[[str, float, int, int], CopySweep], ops: Iterable[str],
+            providers: Callable[[str], dict], shapes: Callable[[bool], list],
+            summary: Callable[[list, float], str], *, quick: bool, dtype: str,
+            out: Optional[Path] = None) -> int:
+    """`run_sweep` for a memory-bound benchmark of several ops: for each op its ``providers(op)``
+    (those that cannot run reported as skips), ``sweep.bench_shape(op, case, M, N, provs)`` for
+    every point of ``shapes(quick)``, then the rows so far saved; ``summary(rows, copy_gbps)``
+    last. ``new_sweep(dtype, copy_gbps, warmup_ms, rep_ms)``: the benchmark's CopySweep."""
+    def body(sweep: CopySweep, save: Callable[[], None]) -> None:
+        for op in ops:
+            provs = sweep.skip_unavailable(op, providers(op))
+            for case, M, N in shapes(quick):
+                sweep.bench_shape(op, case, M, N, provs)
+            save()
+
+    return run_sweep(lambda ceilings, *timing: new_sweep(dtype, ceilings["copy_gbps"], *timing), body,
+                     lambda sweep: summary(sweep.rows, sweep.copy_gbps), quick=quick, out=out)
+
+
+def run_sweep(new_sweep: Callable[[dict, int, int], Sweep], body: Callable[[Sweep, Callable[[], None]], None],
+              summary: Callable[[Sweep], str], *, quick: bool, out: Optional[Path] = None,
+              matmul_dtype: str = "bf16") -> int:
+    """One benchmark run; 0, or 130 when interrupted.
+
+    Measures the ceilings (and the matmul ceiling in ``matmul_dtype``, as
+    ``matmul_<dtype>_tflops``) and prints them; ``new_sweep(ceilings, warmup_ms, rep_ms)`` makes
+    the Sweep (shorter timings with ``quick``); ``body(sweep, save)`` benches its shapes into
+    it and calls ``save()`` whenever the rows so far should be on disk. A KeyboardInterrupt (the
+    GPU session's time cap: `timeout -s INT`) saves the rows measured so far and returns 130.
+    Either way the row count, where the files are and ``summary(sweep)`` are printed last.
+    """
+    print("measuring the ceilings (1 GiB device copy, bf16 8192^3 matmul) ...", flush=True)
+    ceilings = measure_ceilings()
+    key, tflops = matmul_ceiling(matmul_dtype, ceilings)
+    ceilings[key] = tflops
+    meta = run_metadata(ceilings)
+    print(f"{meta['device']}: copy {ceilings['copy_gbps']:,.0f} GB/s (read + write), "
+          f"{matmul_dtype} matmul {tflops:,.0f} TFLOP/s\n", flush=True)
+    out = out or default_out_dir()
+    sweep = new_sweep(ceilings, *((10, 40) if quick else (25, 100)))
+    started = time.time()
+    try:
+        body(sweep, lambda: sweep.save(meta, out))
+    except KeyboardInterrupt:  # `timeout -s INT` in the GPU session: keep what was measured
+        print("\ninterrupted: writing the rows measured so far")
+        sweep.save(meta, out)
+        return 130
+    finally:
+        print(f"\n{len(sweep.rows)} rows in {time.time() - started:.0f} s"
+              + (f"; results in {out}/{sweep.name}.*" if sweep.rows else ""))
+        print(summary(sweep))
+    return 0

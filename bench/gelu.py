@@ -21,8 +21,6 @@ shape past 2^31 elements, where int32 offsets would overflow.
 """
 from __future__ import annotations
 
-import itertools
-import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -30,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import common
-from .layer_norm import DTYPES
+from .common import max_rel_err, time_ms_resetting  # in common now; the names stay here too
 
 # op -> (approximate, has a bias, gated)
 OPS = {
@@ -107,14 +105,9 @@ def eager(op: str) -> Callable:
 
 
 def _dlh(op: str, backend: str) -> MaybeProvider:
-    try:
-        import dlh_kernels as dlh
-        import dlh_kernels.functional as DF
-    except Exception as exc:
-        return f"dlh_kernels.functional is not importable ({_short(exc)})"
-    status = dlh.backends().get(backend, "unknown backend")
-    if status != "available":
-        return status
+    DF = common.dlh_functional(backend)
+    if isinstance(DF, str):
+        return DF
     approximate, _, gated = OPS[op]
     name = "geglu" if gated else "gelu"
     if not hasattr(DF, name):
@@ -124,21 +117,13 @@ def _dlh(op: str, backend: str) -> MaybeProvider:
     return Provider(lambda x, b: DF.gelu(x, approximate, bias=b, backend=backend))
 
 
-def _compiled(op: str) -> MaybeProvider:
-    # One graph per (shape, requires_grad): raise the recompile limit so that dynamo never falls
-    # back to eager halfway through the sweep (that would time eager under this label).
-    cfg = torch._dynamo.config
-    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 256)
-    return Provider(torch.compile(eager(op), dynamic=False))
-
-
 def _liger(op: str) -> MaybeProvider:
     if not OPS[op][2]:
         return "Liger-Kernel has no standalone GELU"
     try:
         from liger_kernel.ops.geglu import LigerGELUMulFunction
     except Exception as exc:  # ImportError, or a Liger that breaks on this torch/triton
-        return f"liger_kernel is not importable ({exc.__class__.__name__}: {exc})"
+        return common.not_importable("liger_kernel", exc)
     # Liger computes c = gelu_tanh(a) * b on two separate tensors (in its models, the outputs of
     # two Linear layers), the GELU rounded to b's dtype before the product: our geglu with
     # approximate="tanh" when called as (gate, a), the same rounding as eager bf16. It is handed
@@ -153,7 +138,7 @@ def providers(op: str) -> dict[str, MaybeProvider]:
         "dlh-triton": _dlh(op, "triton"),
         "dlh-cuda": _dlh(op, "cuda"),
         "eager": Provider(eager(op)),
-        "torch.compile": _compiled(op),
+        "torch.compile": Provider(common.compiled(eager(op))),
         "liger": _liger(op),
     }
 
@@ -213,42 +198,6 @@ def timed_call(p: Provider, mode: str, b) -> Callable[[Inputs], object]:
     return fwd_bwd
 
 
-def time_ms_resetting(fn: Callable, reset: Callable, sets: list, *, warmup: int, rep: int):
-    """(p50, p20, p80) ms of ``fn(s)`` over the rotating sets, ``reset(s)`` before every call.
-
-    For a provider that writes over its inputs: without the reset each set would go through
-    hundreds of backward passes and the timing would end on zeros. As in do_bench, CUDA events
-    bracket ``fn`` alone, and L2 is flushed between calls (after the reset, whose writes would
-    otherwise leave the inputs in cache).
-    """
-    flush = torch.empty(max(256 << 20, 2 * common.l2_bytes()), dtype=torch.int8, device="cuda")
-    cycle = itertools.cycle(sets)
-
-    def one(events=None):
-        s = next(cycle)
-        reset(s)
-        flush.zero_()
-        if events:
-            events[0].record()
-        fn(s)
-        if events:
-            events[1].record()
-
-    def timed(n):
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(n)]
-        for e in events:
-            one(e)
-        torch.cuda.synchronize()
-        return torch.tensor([s.elapsed_time(e) for s, e in events])
-
-    estimate = max(timed(5).median().item(), 1e-3)
-    for _ in range(max(1, int(warmup / estimate))):
-        one()
-    times = timed(max(10, int(rep / estimate)))
-    return tuple(torch.quantile(times, torch.tensor(common.QUANTILES)).tolist())
-
-
 def copy_call(nbytes: list[int]) -> tuple[Callable[[], object], list]:
     """Device copies moving ``nbytes[i]`` bytes in launch i (a copy reads n / 2 and writes n / 2),
     each from its own region of a rotating source, as the op's kernels read their own tensors."""
@@ -267,84 +216,24 @@ def copy_call(nbytes: list[int]) -> tuple[Callable[[], object], list]:
     return common.rotating(copies, [(s,) for s in srcs]), srcs + [dst]
 
 
-def max_rel_err(y: torch.Tensor, ref: torch.Tensor, chunk: int = 1 << 24) -> float:
-    """max |y - ref| / (1 + |ref|): about one bf16 ulp between correct kernels.
-
-    In float32, a slice of rows at a time: at the largest shape whole-tensor temporaries would
-    take tens of GiB."""
-    y, ref = y.reshape(-1, y.shape[-1]), ref.reshape(-1, ref.shape[-1])
-    rows = max(1, chunk // max(1, y.shape[-1]))
-    err = 0.0
-    for i in range(0, y.shape[0], rows):
-        a, r = y[i:i + rows].float(), ref[i:i + rows].float()
-        chunk_err = ((a - r).abs() / (1 + r.abs())).max().item()
-        if chunk_err != chunk_err:  # NaN: Python's max() would drop it
-            return chunk_err
-        err = max(err, chunk_err)
-    return err
-
-
-def _short(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {msg[0] if msg else ''}"[:160]
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 
 def run(*, quick: bool = False, dtype: str = "bf16", out: Optional[Path] = None,
         ops: tuple[str, ...] = tuple(OPS)) -> int:
-    print("measuring the ceilings (1 GiB device copy, bf16 8192^3 matmul) ...", flush=True)
-    ceilings = common.measure_ceilings()
-    meta = common.run_metadata(ceilings)
-    print(f"{meta['device']}: copy {ceilings['copy_gbps']:,.0f} GB/s (read + write), "
-          f"bf16 matmul {ceilings['matmul_bf16_tflops']:,.0f} TFLOP/s\n", flush=True)
-    out = out or common.default_out_dir()
-    sweep = Sweep(dtype, ceilings["copy_gbps"], *((10, 40) if quick else (25, 100)))
-    started = time.time()
-    try:
-        for op in ops:
-            provs = providers(op)
-            for name, p in provs.items():
-                if isinstance(p, str):
-                    sweep.skip(f"{op} {name}", p)
-            for case, M, N in shapes(quick):
-                sweep.bench_shape(op, case, M, N, provs)
-            sweep.save(meta, out)
-    except KeyboardInterrupt:  # `timeout -s INT` in the GPU session: keep what was measured
-        print("\ninterrupted: writing the rows measured so far")
-        sweep.save(meta, out)
-        return 130
-    finally:
-        print(f"\n{len(sweep.rows)} rows in {time.time() - started:.0f} s"
-              + (f"; results in {out}/gelu.*" if sweep.rows else ""))
-        print(summary(sweep.rows, sweep.copy_gbps))
-    return 0
+    return common.run_ops(Sweep, ops, providers, shapes, summary, quick=quick, dtype=dtype, out=out)
 
 
-class Sweep:
+class Sweep(common.CopySweep):
     """The rows measured so far, the providers skipped and why, and the timing settings."""
 
-    def __init__(self, dtype: str, copy_gbps: float, warmup_ms: int, rep_ms: int):
-        self.dtype, self.torch_dtype = dtype, DTYPES[dtype]
-        self.elem = torch.finfo(self.torch_dtype).bits // 8
-        self.copy_gbps, self.warmup_ms, self.rep_ms = copy_gbps, warmup_ms, rep_ms
-        self.rows: list[dict] = []
-        self.skipped: dict[str, str] = {}
-
-    def skip(self, what: str, why: str) -> None:
-        self.skipped[what] = why
-        print(f"skip {what}: {why}")
+    name = "gelu"
 
     def fits(self, op: str, M: int, N: int) -> Optional[str]:
         """None if the shape's tensors fit in free device memory with room to spare, else why not."""
         # in (M, N) tensors: x, dy, y, dx, eager's output and temporaries; geglu's x and dx count
         # twice, and Liger's copies of the halves come on top
-        need = (12 if OPS[op][2] else 8) * M * N * self.elem
-        free = torch.cuda.mem_get_info()[0]
-        if need > free:
-            return f"needs about {need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"
-        return None
+        return common.memory_shortfall((12 if OPS[op][2] else 8) * M * N * self.elem)
 
     def bench_shape(self, op: str, case: str, M: int, N: int, provs: dict[str, MaybeProvider]) -> None:
         what = f"{op} M={M} N={N}"
@@ -357,32 +246,29 @@ class Sweep:
             b, sets = make_inputs(op, M, N, self.torch_dtype, need_halves)
             ref = eager(op)(sets[0].x, b)
         except torch.cuda.OutOfMemoryError as exc:
-            return self.skip(what, _short(exc))
-        for name, p in provs.items():
-            if isinstance(p, str):
-                continue
+            return self.skip(what, common.short_error(exc))
+        for name, p in common.runnable(provs):
             try:
                 err = max_rel_err(forward(p, sets[0], b), ref)
             except Exception as exc:
-                self.skip(f"{name} {what}", _short(exc))
+                self.skip(f"{name} {what}", common.short_error(exc))
                 continue
             if not err < 0.05:
                 print(f"WARNING: {name} {what}: forward differs from eager by {err:.3g}")
             for mode in MODES:
                 call = timed_call(p, mode, b)
                 try:
-                    for s in sets[:2]:  # compile / autotune outside the timed region
-                        call(s)
                     if p.clobbers and mode != "fwd":
+                        for s in sets[:2]:  # compile / autotune outside the timed region
+                            call(s)
                         p50, p20, p80 = time_ms_resetting(call, restore_halves, sets,
                                                           warmup=self.warmup_ms, rep=self.rep_ms)
                         for s in sets:
                             restore_halves(s)
                     else:
-                        p50, p20, p80 = common.time_ms(common.rotating(call, [(s,) for s in sets]),
-                                                       warmup=self.warmup_ms, rep=self.rep_ms)
+                        p50, p20, p80 = self.time_sets(call, [(s,) for s in sets])
                 except Exception as exc:
-                    self.skip(f"{name} {mode} {what}", _short(exc))
+                    self.skip(f"{name} {mode} {what}", common.short_error(exc))
                     continue
                 self.add_row(op, name, case, M, N, mode, (p50, p20, p80), err, len(sets))
         del sets, ref, b
@@ -391,11 +277,11 @@ class Sweep:
             try:
                 call, buffers = copy_call(kernel_bytes(op, mode, M, N, self.elem))
                 call()
-                times = common.time_ms(call, warmup=self.warmup_ms, rep=self.rep_ms)
+                times = self.time(call)
                 n_sets = len(buffers) - 1
                 del call, buffers
             except Exception as exc:  # out of memory, at the largest shape
-                self.skip(f"copy {mode} {what}", _short(exc))
+                self.skip(f"copy {mode} {what}", common.short_error(exc))
                 continue
             finally:
                 torch.cuda.empty_cache()
@@ -414,35 +300,15 @@ class Sweep:
         print(f"{op:>9} {mode:>7} M={M:<6} N={N:<6} {name:>13}  p50 {p50:8.4f} ms"
               f"  {gbps:7.0f} GB/s  {row['pct_copy']:5.1f}%", flush=True)
 
-    def save(self, meta: dict, out: Path) -> None:
-        if not self.rows:
-            return
-        common.write_results(self.rows, meta, out, "gelu", extra={"skipped": self.skipped})
+    def plot(self, meta: dict, out: Path) -> None:
         common.plot_lines(
             self.rows, out / "gelu.png",
             panel=lambda r: f"{r['op']} ({r['approximate']}) {r['mode']}", series="provider",
             x="elements", y="gbps", xlabel="elements of the output (M * N)", ylabel="GB/s",
             hline=self.copy_gbps, hline_label="copy ceiling (1 GiB)",
-            title=f"{meta['device']} {self.dtype}, {meta['date_utc']}, git {meta['git_sha']}")
+            title=self.title(meta))
 
 
 def summary(rows: list[dict], copy_gbps: float) -> str:
     """GB/s (% of copy) per shape, providers side by side, one block per (op, mode)."""
-    blocks = []
-    names = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
-    for op in OPS:
-        for mode in MODES:
-            sub = [r for r in rows if r["op"] == op and r["mode"] == mode]
-            if not sub:
-                continue
-            table = []
-            for case, M, N in dict.fromkeys((r["case"], r["M"], r["N"]) for r in sub):
-                line = {"case": case, "M": M, "N": N}
-                for r in sub:
-                    if (r["case"], r["M"], r["N"]) == (case, M, N):
-                        line[r["provider"]] = f"{r['gbps']:.0f} ({r['pct_copy']:.0f}%)"
-                table.append(line)
-            header = f"{op} ({OPS[op][0]}) {mode}: GB/s (% of the {copy_gbps:,.0f} GB/s copy)"
-            blocks.append(header + "\n" + common.format_table(
-                table, {"case": "case", "M": "M", "N": "N", **{p: p for p in names}}))
-    return "\n\n".join(blocks)
+    return common.gbps_summary(rows, copy_gbps, OPS, MODES, PROVIDERS, label=lambda op: f"{op} ({OPS[op][0]})")

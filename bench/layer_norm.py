@@ -16,7 +16,6 @@ parallelises only over rows leaves most of the GPU idle.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -27,7 +26,7 @@ from . import common
 
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 PROVIDERS = ("dlh-triton", "dlh-cuda", "eager", "torch.compile", "liger", "apex")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = common.DTYPES
 MODES = ("fwd", "fwd+bwd")
 
 ELEMENTS = 64 * 2**20  # M * N per sweep point: 128 MiB per bf16 tensor, several times any L2
@@ -86,14 +85,9 @@ def eager(op: str) -> Callable:
 
 
 def _dlh(op: str, backend: str) -> Provider:
-    try:
-        import dlh_kernels as dlh
-        import dlh_kernels.functional as DF
-    except Exception as exc:
-        return f"dlh_kernels.functional is not importable ({_short(exc)})"
-    status = dlh.backends().get(backend, "unknown backend")
-    if status != "available":
-        return status
+    DF = common.dlh_functional(backend)
+    if isinstance(DF, str):
+        return DF
     calls = {
         "layer_norm": lambda x, r, w, b: DF.layer_norm(x, (x.shape[-1],), w, b, LN_EPS, backend=backend),
         "rms_norm": lambda x, r, w, b: DF.rms_norm(x, (x.shape[-1],), w, RMS_EPS, backend=backend),
@@ -103,20 +97,12 @@ def _dlh(op: str, backend: str) -> Provider:
     return calls[op]
 
 
-def _compiled(op: str) -> Provider:
-    # One graph per (shape, requires_grad): raise the recompile limit so that dynamo never falls
-    # back to eager halfway through the sweep (that would time eager under this label).
-    cfg = torch._dynamo.config
-    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 256)
-    return torch.compile(eager(op), dynamic=False)
-
-
 def _liger(op: str) -> Provider:
     try:
         from liger_kernel.ops import (LigerFusedAddRMSNormFunction, LigerLayerNormFunction,
                                       LigerRMSNormFunction)
     except Exception as exc:  # ImportError, or a Liger that breaks on this torch/triton
-        return f"liger_kernel is not importable ({exc.__class__.__name__}: {exc})"
+        return common.not_importable("liger_kernel", exc)
     # offset 0, casting mode "llama" (fp32 statistics), in_place=False: Liger would otherwise
     # write dx over dy, which neither eager nor dlh does
     if op == "layer_norm":
@@ -132,7 +118,7 @@ def _apex(op: str) -> Provider:
     try:
         from apex.normalization.fused_layer_norm import fused_layer_norm_affine, fused_rms_norm_affine
     except Exception as exc:
-        return f"apex is not importable ({exc.__class__.__name__}: {exc})"
+        return common.not_importable("apex", exc)
     if op == "layer_norm":
         return lambda x, r, w, b: fused_layer_norm_affine(x, w, b, (x.shape[-1],), LN_EPS)
     if op == "rms_norm":
@@ -145,7 +131,7 @@ def providers(op: str) -> dict[str, Provider]:
         "dlh-triton": _dlh(op, "triton"),
         "dlh-cuda": _dlh(op, "cuda"),
         "eager": eager(op),
-        "torch.compile": _compiled(op),
+        "torch.compile": common.compiled(eager(op)),
         "liger": _liger(op),
         "apex": _apex(op),
     }
@@ -190,89 +176,45 @@ def timed_call(fn: Callable, mode: str, w, b) -> Callable:
     return fwd_bwd
 
 
-def _short(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {msg[0] if msg else ''}"[:160]
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 
 def run(*, quick: bool = False, dtype: str = "bf16", out: Optional[Path] = None,
         ops: tuple[str, ...] = OPS) -> int:
-    print("measuring the ceilings (1 GiB device copy, bf16 8192^3 matmul) ...", flush=True)
-    ceilings = common.measure_ceilings()
-    meta = common.run_metadata(ceilings)
-    print(f"{meta['device']}: copy {ceilings['copy_gbps']:,.0f} GB/s (read + write), "
-          f"bf16 matmul {ceilings['matmul_bf16_tflops']:,.0f} TFLOP/s\n", flush=True)
-    out = out or common.default_out_dir()
-    sweep = Sweep(dtype, ceilings["copy_gbps"], *((10, 40) if quick else (25, 100)))
-    started = time.time()
-    try:
-        for op in ops:
-            provs = providers(op)
-            for name, p in provs.items():
-                if isinstance(p, str):
-                    sweep.skip(f"{op} {name}", p)
-            for case, M, N in shapes(quick):
-                sweep.bench_shape(op, case, M, N, provs)
-            sweep.save(meta, out)
-    except KeyboardInterrupt:  # `timeout -s INT` in the GPU session: keep what was measured
-        print("\ninterrupted: writing the rows measured so far")
-        sweep.save(meta, out)
-        return 130
-    finally:
-        print(f"\n{len(sweep.rows)} rows in {time.time() - started:.0f} s"
-              + (f"; results in {out}/layer_norm.*" if sweep.rows else ""))
-        print(summary(sweep.rows, sweep.copy_gbps))
-    return 0
+    return common.run_ops(Sweep, ops, providers, shapes, summary, quick=quick, dtype=dtype, out=out)
 
 
-class Sweep:
+class Sweep(common.CopySweep):
     """The rows measured so far, the providers skipped and why, and the timing settings."""
 
-    def __init__(self, dtype: str, copy_gbps: float, warmup_ms: int, rep_ms: int):
-        self.dtype, self.torch_dtype = dtype, DTYPES[dtype]
-        self.elem = torch.finfo(self.torch_dtype).bits // 8
-        self.copy_gbps, self.warmup_ms, self.rep_ms = copy_gbps, warmup_ms, rep_ms
-        self.rows: list[dict] = []
-        self.skipped: dict[str, str] = {}
-
-    def skip(self, what: str, why: str) -> None:
-        self.skipped[what] = why
-        print(f"skip {what}: {why}")
+    name = "layer_norm"
 
     def bench_shape(self, op: str, case: str, M: int, N: int, provs: dict[str, Provider]) -> None:
         try:
             w, b, sets = make_inputs(op, M, N, self.torch_dtype)
         except torch.cuda.OutOfMemoryError as exc:
-            return self.skip(f"{op} M={M} N={N}", _short(exc))
+            return self.skip(f"{op} M={M} N={N}", common.short_error(exc))
         # No torch.no_grad() here: none of these inputs needs a gradient anyway, and a change of
         # grad mode would cost torch.compile one more graph per shape.
         x0, r0, _ = sets[0]
         ref = _first(eager(op)(x0, r0, w, b)).float()
-        for name, p in provs.items():
-            if isinstance(p, str):
-                continue
+        for name, p in common.runnable(provs):
             try:
                 y = _first(p(x0, r0, w, b)).float()
                 # largest error relative to 1 + |eager|: about one bf16 ulp between correct kernels
                 err = ((y - ref).abs() / (1 + ref.abs())).max().item()
                 del y
             except Exception as exc:
-                self.skip(f"{op} {name} M={M} N={N}", _short(exc))
+                self.skip(f"{op} {name} M={M} N={N}", common.short_error(exc))
                 continue
             if not err < 0.05:
                 print(f"WARNING: {op} {name} M={M} N={N}: forward differs from eager by {err:.3g}")
             for mode in MODES:
                 call = timed_call(p, mode, w, b)
                 try:
-                    for s in sets[:2]:  # compile / autotune outside the timed region
-                        call(*s)
-                    p50, p20, p80 = common.time_ms(common.rotating(call, sets),
-                                                   warmup=self.warmup_ms, rep=self.rep_ms)
+                    p50, p20, p80 = self.time_sets(call, sets)
                 except Exception as exc:
-                    self.skip(f"{op} {name} {mode} M={M} N={N}", _short(exc))
+                    self.skip(f"{op} {name} {mode} M={M} N={N}", common.short_error(exc))
                     continue
                 nbytes = bytes_moved(op, mode, M, N, self.elem)
                 gbps = nbytes / (p50 * 1e-3) / 1e9
@@ -286,35 +228,15 @@ class Sweep:
         del sets, ref
         torch.cuda.empty_cache()
 
-    def save(self, meta: dict, out: Path) -> None:
-        if not self.rows:
-            return
-        common.write_results(self.rows, meta, out, "layer_norm", extra={"skipped": self.skipped})
+    def plot(self, meta: dict, out: Path) -> None:
         common.plot_lines(
             [r for r in self.rows if r["case"] == "sweep"], out / "layer_norm.png",
             panel=lambda r: f"{r['op']} {r['mode']}", series="provider", x="N", y="gbps",
             xlabel=f"N (row length; M*N = {ELEMENTS // 2**20}M)", ylabel="GB/s",
             hline=self.copy_gbps, hline_label="copy ceiling",
-            title=f"{meta['device']} {self.dtype}, {meta['date_utc']}, git {meta['git_sha']}")
+            title=self.title(meta))
 
 
 def summary(rows: list[dict], copy_gbps: float) -> str:
     """GB/s (% of copy) per shape, providers side by side, one block per (op, mode)."""
-    blocks = []
-    names = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
-    for op in OPS:
-        for mode in MODES:
-            sub = [r for r in rows if r["op"] == op and r["mode"] == mode]
-            if not sub:
-                continue
-            table = []
-            for case, M, N in dict.fromkeys((r["case"], r["M"], r["N"]) for r in sub):
-                line = {"case": case, "M": M, "N": N}
-                for r in sub:
-                    if (r["case"], r["M"], r["N"]) == (case, M, N):
-                        line[r["provider"]] = f"{r['gbps']:.0f} ({r['pct_copy']:.0f}%)"
-                table.append(line)
-            header = f"{op} {mode}: GB/s (% of the {copy_gbps:,.0f} GB/s copy)"
-            blocks.append(header + "\n" + common.format_table(
-                table, {"case": "case", "M": "M", "N": "N", **{p: p for p in names}}))
-    return "\n\n".join(blocks)
+    return common.gbps_summary(rows, copy_gbps, OPS, MODES, PROVIDERS)

@@ -17,7 +17,6 @@ and the seed models' small MLPs, where the launch, not the math, is the cost.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -25,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import common
-from .gelu import max_rel_err
-from .layer_norm import DTYPES
+from .common import max_rel_err
 
 PROVIDERS = ("dlh-triton", "dlh-cuda", "eager", "torch.compile", "F.linear")
 BARE = "F.linear"  # not the op's math: no error check, and the reference of the time ratios
@@ -75,14 +73,9 @@ def bare_linear(x, w, b, approximate):
 
 
 def _dlh(backend: str) -> Provider:
-    try:
-        import dlh_kernels as dlh
-        import dlh_kernels.functional as DF
-    except Exception as exc:
-        return f"dlh_kernels.functional is not importable ({_short(exc)})"
-    status = dlh.backends().get(backend, "unknown backend")
-    if status != "available":
-        return status
+    DF = common.dlh_functional(backend)
+    if isinstance(DF, str):
+        return DF
     if not hasattr(DF, "linear_gelu"):
         return "dlh_kernels.functional has no linear_gelu yet"
     # A backend that exists but has no linear_gelu kernel (cuda, at first) raises on the first
@@ -90,20 +83,12 @@ def _dlh(backend: str) -> Provider:
     return lambda x, w, b, approximate: DF.linear_gelu(x, w, b, approximate, backend=backend)
 
 
-def _compiled() -> Provider:
-    # One graph per (shape, approximate, requires_grad): raise the recompile limit so that dynamo
-    # never falls back to eager halfway through the sweep.
-    cfg = torch._dynamo.config
-    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 256)
-    return torch.compile(eager, dynamic=False)
-
-
 def providers() -> dict[str, Provider]:
     return {
         "dlh-triton": _dlh("triton"),
         "dlh-cuda": _dlh("cuda"),
         "eager": eager,
-        "torch.compile": _compiled(),
+        "torch.compile": common.compiled(eager),  # one graph per (shape, approximate, requires_grad)
         BARE: bare_linear,
     }
 
@@ -136,67 +121,32 @@ def timed_call(fn: Callable, mode: str, approximate: str) -> Callable:
     return fwd_bwd
 
 
-def matmul_ceiling(dtype: str, ceilings: dict) -> tuple[str, float]:
-    """(name, TFLOP/s) of the large-matmul ceiling in the run's dtype (bf16: the common one)."""
-    if dtype == "bf16":
-        return "matmul_bf16_tflops", ceilings["matmul_bf16_tflops"]
-    size = 8192
-    a, b = (torch.randn(size, size, device="cuda", dtype=DTYPES[dtype]) for _ in range(2))
-    c = torch.empty_like(a)
-    ms = common.time_ms(lambda: torch.matmul(a, b, out=c), warmup=300, rep=300)[0]
-    return f"matmul_{dtype}_tflops", 2 * size**3 / (ms * 1e-3) / 1e12
-
-
-def _short(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {msg[0] if msg else ''}"[:160]
+matmul_ceiling = common.matmul_ceiling  # (name, TFLOP/s) in the run's dtype; run_sweep measures it
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 
 def run(*, quick: bool = False, dtype: str = "bf16", out: Optional[Path] = None) -> int:
-    print("measuring the ceilings (1 GiB device copy, bf16 8192^3 matmul) ...", flush=True)
-    ceilings = common.measure_ceilings()
-    key, tflops = matmul_ceiling(dtype, ceilings)
-    ceilings[key] = tflops
-    meta = common.run_metadata(ceilings)
-    print(f"{meta['device']}: copy {ceilings['copy_gbps']:,.0f} GB/s (read + write), "
-          f"{dtype} matmul {tflops:,.0f} TFLOP/s\n", flush=True)
-    out = out or common.default_out_dir()
-    sweep = Sweep(dtype, tflops, *((10, 40) if quick else (25, 100)))
-    started = time.time()
-    try:
-        provs = providers()
-        for name, p in provs.items():
-            if isinstance(p, str):
-                sweep.skip(f"linear_gelu {name}", p)
+    def body(sweep: Sweep, save: Callable[[], None]) -> None:
+        provs = sweep.skip_unavailable("linear_gelu", providers())
         for case, M, K, N, approximate in shapes(quick):
             sweep.bench_shape(case, M, K, N, approximate, provs)
-        sweep.save(meta, out)
-    except KeyboardInterrupt:  # `timeout -s INT` in the GPU session: keep what was measured
-        print("\ninterrupted: writing the rows measured so far")
-        sweep.save(meta, out)
-        return 130
-    finally:
-        print(f"\n{len(sweep.rows)} rows in {time.time() - started:.0f} s"
-              + (f"; results in {out}/linear_gelu.*" if sweep.rows else ""))
-        print(summary(sweep.rows, sweep.matmul_tflops, dtype))
-    return 0
+        save()
+
+    return common.run_sweep(lambda ceilings, *timing: Sweep(dtype, ceilings[f"matmul_{dtype}_tflops"], *timing),
+                            body, lambda sweep: summary(sweep.rows, sweep.matmul_tflops, dtype),
+                            quick=quick, out=out, matmul_dtype=dtype)
 
 
-class Sweep:
+class Sweep(common.Sweep):
     """The rows measured so far, the providers skipped and why, and the timing settings."""
 
-    def __init__(self, dtype: str, matmul_tflops: float, warmup_ms: int, rep_ms: int):
-        self.dtype, self.torch_dtype = dtype, DTYPES[dtype]
-        self.matmul_tflops, self.warmup_ms, self.rep_ms = matmul_tflops, warmup_ms, rep_ms
-        self.rows: list[dict] = []
-        self.skipped: dict[str, str] = {}
+    name = "linear_gelu"
 
-    def skip(self, what: str, why: str) -> None:
-        self.skipped[what] = why
-        print(f"skip {what}: {why}")
+    def __init__(self, dtype: str, matmul_tflops: float, warmup_ms: int, rep_ms: int):
+        super().__init__(dtype, warmup_ms, rep_ms)
+        self.matmul_tflops = matmul_tflops
 
     def bench_shape(self, case: str, M: int, K: int, N: int, approximate: str,
                     provs: dict[str, Provider]) -> None:
@@ -208,28 +158,23 @@ class Sweep:
             x0, w0, b0, _ = sets[0]
             ref = eager(x0, w0, b0, approximate)
         except torch.cuda.OutOfMemoryError as exc:
-            return self.skip(what, _short(exc))
-        for name, p in provs.items():
-            if isinstance(p, str):
-                continue
+            return self.skip(what, common.short_error(exc))
+        for name, p in common.runnable(provs):
             try:
                 y = p(x0, w0, b0, approximate)
                 err = None if name == BARE else max_rel_err(y, ref)
                 del y
             except Exception as exc:  # dlh-cuda without a linear_gelu kernel lands here
-                self.skip(f"linear_gelu {name} {what}", _short(exc))
+                self.skip(f"linear_gelu {name} {what}", common.short_error(exc))
                 continue
             if err is not None and not err < 0.05:
                 print(f"WARNING: {name} {what}: forward differs from eager by {err:.3g}")
             for mode in MODES:
                 call = timed_call(p, mode, approximate)
                 try:
-                    for s in sets[:2]:  # compile / autotune outside the timed region
-                        call(*s)
-                    p50, p20, p80 = common.time_ms(common.rotating(call, sets),
-                                                   warmup=self.warmup_ms, rep=self.rep_ms)
+                    p50, p20, p80 = self.time_sets(call, sets)
                 except Exception as exc:
-                    self.skip(f"linear_gelu {name} {mode} {what}", _short(exc))
+                    self.skip(f"linear_gelu {name} {mode} {what}", common.short_error(exc))
                     continue
                 n = flops(mode, M, K, N)
                 tflops = n / (p50 * 1e-3) / 1e12
@@ -245,18 +190,18 @@ class Sweep:
         torch.cuda.empty_cache()
 
     def save(self, meta: dict, out: Path) -> None:
-        if not self.rows:
-            return
         # each row's time over the bare matmul's on the same shape: the "within 10%" target
         bare = {_key(r): r["p50_ms"] for r in self.rows if r["provider"] == BARE}
         for r in self.rows:
             r["time_vs_bare_linear"] = r["p50_ms"] / bare[_key(r)] if _key(r) in bare else None
-        common.write_results(self.rows, meta, out, "linear_gelu", extra={"skipped": self.skipped})
+        super().save(meta, out)
+
+    def plot(self, meta: dict, out: Path) -> None:
         common.plot_lines(
             self.rows, out / "linear_gelu.png", panel=lambda r: f"linear_gelu {r['mode']}",
             series="provider", x="flops", y="tflops", xlabel="useful FLOPs per call",
             ylabel="TFLOP/s", hline=self.matmul_tflops, hline_label="matmul ceiling (8192^3)",
-            title=f"{meta['device']} {self.dtype}, {meta['date_utc']}, git {meta['git_sha']}")
+            title=self.title(meta))
 
 
 def _key(r: dict) -> tuple:
