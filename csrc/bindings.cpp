@@ -84,4 +84,163 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stride_dy"), py::arg("stride_h"), py::arg("stride_dh"), py::arg("stride_dx"), py::arg("rms"),
       py::arg("x_dtype"), py::arg("w_dtype"), py::arg("sm_count"), py::arg("stream"),
       "Backward of norm_fwd: dx (plus dh_out when given) and, when given, dw/db (fp32, overwritten).");
+
+  // ---- gelu.cu ----------------------------------------------------------------------------------
+  // tanh=False: exact GELU, 0.5*x*(1 + erf(x/sqrt(2))); tanh=True: PyTorch's approximate="tanh".
+  // fp32 math for every dtype. Outputs may be their input itself (in place), no other overlap.
+  m.def(
+      "gelu_fwd",
+      [](ptr_t x, ptr_t bias, ptr_t y, int64_t M, int64_t N, int64_t stride_x, int64_t stride_y, bool tanh,
+         int x_dtype, int bias_dtype, ptr_t stream) {
+        const dlh::GeluFwdArgs args{x, bias, y, M, N, stride_x, stride_y, tanh, x_dtype, bias_dtype, stream};
+        py::gil_scoped_release no_gil;
+        dlh::gelu_fwd(args);
+      },
+      py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("M"), py::arg("N"), py::arg("stride_x"),
+      py::arg("stride_y"), py::arg("tanh"), py::arg("x_dtype"), py::arg("bias_dtype"), py::arg("stream"),
+      "y = gelu(x + bias) over the M rows of x (bias (N,) optional, in x's dtype or fp32; bias_dtype is\n"
+      "ignored without it), rounded to x's dtype.");
+
+  m.def("gelu_bwd_workspace", &dlh::gelu_bwd_workspace, py::arg("M"), py::arg("N"), py::arg("sm_count"),
+        "Bytes of scratch gelu_bwd needs for its dbias output on an (M, N) problem on sm_count SMs (0 if\n"
+        "none); the same M, N and sm_count must then be passed to gelu_bwd.");
+
+  m.def(
+      "gelu_bwd",
+      [](ptr_t dy, ptr_t x, ptr_t bias, ptr_t dx, ptr_t dbias, ptr_t workspace, int64_t M, int64_t N,
+         int64_t stride_dy, int64_t stride_x, int64_t stride_dx, bool tanh, int x_dtype, int bias_dtype,
+         int sm_count, ptr_t stream) {
+        const dlh::GeluBwdArgs args{dy,       x,         bias,      dx,   dbias,   workspace,  M,        N,
+                                    stride_dy, stride_x, stride_dx, tanh, x_dtype, bias_dtype, sm_count, stream};
+        py::gil_scoped_release no_gil;
+        dlh::gelu_bwd(args);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("dx"), py::arg("dbias"), py::arg("workspace"),
+      py::arg("M"), py::arg("N"), py::arg("stride_dy"), py::arg("stride_x"), py::arg("stride_dx"), py::arg("tanh"),
+      py::arg("x_dtype"), py::arg("bias_dtype"), py::arg("sm_count"), py::arg("stream"),
+      "dx = dy * gelu'(x + bias), rounded to x's dtype; when given, dbias (fp32, (N,)) is overwritten with\n"
+      "the column sums of the unrounded dx, deterministically (M = 0 writes nothing, dbias included).");
+
+  m.def(
+      "geglu_fwd",
+      [](ptr_t x, ptr_t y, int64_t M, int64_t H, int64_t stride_x, int64_t stride_y, bool tanh, int dtype,
+         ptr_t stream) {
+        const dlh::GegluFwdArgs args{x, y, M, H, stride_x, stride_y, tanh, dtype, stream};
+        py::gil_scoped_release no_gil;
+        dlh::geglu_fwd(args);
+      },
+      py::arg("x"), py::arg("y"), py::arg("M"), py::arg("H"), py::arg("stride_x"), py::arg("stride_y"),
+      py::arg("tanh"), py::arg("dtype"), py::arg("stream"),
+      "y[m, h] = x[m, h] * gelu(x[m, H + h]) for rows of 2H elements of x and H of y.");
+
+  m.def(
+      "geglu_bwd",
+      [](ptr_t dy, ptr_t x, ptr_t dx, int64_t M, int64_t H, int64_t stride_dy, int64_t stride_x,
+         int64_t stride_dx, bool tanh, int dtype, ptr_t stream) {
+        const dlh::GegluBwdArgs args{dy, x, dx, M, H, stride_dy, stride_x, stride_dx, tanh, dtype, stream};
+        py::gil_scoped_release no_gil;
+        dlh::geglu_bwd(args);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("dx"), py::arg("M"), py::arg("H"), py::arg("stride_dy"),
+      py::arg("stride_x"), py::arg("stride_dx"), py::arg("tanh"), py::arg("dtype"), py::arg("stream"),
+      "Backward of geglu_fwd: dx[:, :H] = dy * gelu(g), dx[:, H:] = dy * a * gelu'(g) (dx rows of 2H).");
+
+  // ---- diffusion_step.cu ------------------------------------------------------------------------
+  // t, pt, seed: device pointers to int64 (0: use t_value, pt_value, seed_value); dims: 4 sizes,
+  // strides: 20 (x, m, u, z, out; 4 each). No host sync: timesteps and seed may live on the device.
+  m.def(
+      "diffusion_step",
+      [](ptr_t x, ptr_t mo, ptr_t u, ptr_t z, ptr_t out, ptr_t table, ptr_t t, ptr_t pt, ptr_t seed,
+         int64_t t_value, int64_t pt_value, int64_t seed_value, int64_t t_stride, int64_t pt_stride,
+         int64_t n, int64_t per_batch, int64_t n_table, py::sequence dims, py::sequence strides,
+         double eta, double clip_range, double guidance_scale, int method, int prediction,
+         int noise_mode, bool clip, bool guidance, bool contig, int dtype, bool table_f64, ptr_t stream) {
+        dlh::check_arg(py::len(dims) == 4 && py::len(strides) == 20, "diffusion_step",
+                       "dims must hold 4 sizes and strides 20 (x, m, u, z, out; 4 each)");
+        dlh::DiffusionStepArgs args{x, mo, u, z, out, table, t, pt, seed, t_value, pt_value, seed_value,
+                                    t_stride, pt_stride, n, per_batch, n_table, {}, {},
+                                    static_cast<float>(eta), static_cast<float>(clip_range),
+                                    static_cast<float>(guidance_scale), method, prediction, noise_mode,
+                                    clip, guidance, contig, dtype, table_f64, stream};
+        for (int d = 0; d < 4; ++d) args.dims[d] = dims[d].cast<int64_t>();
+        for (int k = 0; k < 20; ++k) args.strides[k] = strides[k].cast<int64_t>();
+        py::gil_scoped_release no_gil;
+        dlh::diffusion_step(args);
+      },
+      py::arg("x"), py::arg("m"), py::arg("u"), py::arg("z"), py::arg("out"), py::arg("table"), py::arg("t"),
+      py::arg("pt"), py::arg("seed"), py::arg("t_value"), py::arg("pt_value"), py::arg("seed_value"),
+      py::arg("t_stride"), py::arg("pt_stride"), py::arg("n"), py::arg("per_batch"), py::arg("n_table"),
+      py::arg("dims"), py::arg("strides"), py::arg("eta"), py::arg("clip_range"), py::arg("guidance_scale"),
+      py::arg("method"), py::arg("prediction"), py::arg("noise_mode"), py::arg("clip"), py::arg("guidance"),
+      py::arg("contig"), py::arg("dtype"), py::arg("table_f64"), py::arg("stream"),
+      "One reverse diffusion step (method 0 ddpm, 1 ddim, 2 interp; prediction 0 epsilon, 1 v, 2 sample)\n"
+      "into out; noise_mode 0 none, 1 given z, 2 Philox from the seed (tl.randn's stream).");
+
+  m.def(
+      "seeded_randn",
+      [](ptr_t out, ptr_t seed, int64_t seed_value, int64_t n, int dtype, ptr_t stream) {
+        const dlh::SeededRandnArgs args{out, seed, seed_value, n, dtype, stream};
+        py::gil_scoped_release no_gil;
+        dlh::seeded_randn(args);
+      },
+      py::arg("out"), py::arg("seed"), py::arg("seed_value"), py::arg("n"), py::arg("dtype"), py::arg("stream"),
+      "out[i] = tl.randn(seed, i) for i < n (contiguous out); seed: device pointer to int64, or 0 for seed_value.");
+
+  // ---- group_norm.cu ----------------------------------------------------------------------------
+  // Tensors as (N, C, S) with three strides each (elements); channels_inner: the channel stride
+  // of every tensor is 1 (channels_last), else the spatial one (NCHW). w/b: (C,) in x's dtype or
+  // fp32, one dtype for both; 0 when absent. activation: silu=True fuses y = silu(GroupNorm(x)).
+  m.def("group_norm_fwd_workspace", &dlh::group_norm_fwd_workspace, py::arg("N"), py::arg("C"), py::arg("S"),
+        py::arg("G"), py::arg("channels_inner"), py::arg("x_dtype"), py::arg("sm_count"),
+        "Bytes of fp32 scratch group_norm_fwd needs for this problem on sm_count SMs (0 if none).");
+
+  m.def(
+      "group_norm_fwd",
+      [](ptr_t x, ptr_t w, ptr_t b, ptr_t y, ptr_t mean, ptr_t rstd, ptr_t workspace, int64_t N, int64_t C,
+         int64_t S, int64_t G, int64_t stride_xn, int64_t stride_xc, int64_t stride_xs, int64_t stride_yn,
+         int64_t stride_yc, int64_t stride_ys, double eps, bool silu, bool channels_inner, int x_dtype,
+         int w_dtype, int sm_count, ptr_t stream) {
+        const dlh::GroupNormFwdArgs args{x,         w,         b,         y,         mean,      rstd,
+                                         workspace, N,         C,         S,         G,         stride_xn,
+                                         stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
+                                         static_cast<float>(eps), silu, channels_inner, x_dtype, w_dtype,
+                                         sm_count, stream};
+        py::gil_scoped_release no_gil;
+        dlh::group_norm_fwd(args);
+      },
+      py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("mean"), py::arg("rstd"),
+      py::arg("workspace"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("G"), py::arg("stride_xn"),
+      py::arg("stride_xc"), py::arg("stride_xs"), py::arg("stride_yn"), py::arg("stride_yc"),
+      py::arg("stride_ys"), py::arg("eps"), py::arg("silu"), py::arg("channels_inner"), py::arg("x_dtype"),
+      py::arg("w_dtype"), py::arg("sm_count"), py::arg("stream"),
+      "GroupNorm of x in G groups (then SiLU when silu): writes y (x's dtype) and mean/rstd ((N*G,) fp32).");
+
+  m.def("group_norm_bwd_workspace", &dlh::group_norm_bwd_workspace, py::arg("N"), py::arg("C"), py::arg("S"),
+        py::arg("G"), py::arg("channels_inner"), py::arg("x_dtype"), py::arg("sm_count"),
+        "Bytes of fp32 scratch group_norm_bwd needs for this problem on sm_count SMs.");
+
+  m.def(
+      "group_norm_bwd",
+      [](ptr_t dy, ptr_t x, ptr_t w, ptr_t b, ptr_t mean, ptr_t rstd, ptr_t dx, ptr_t dw, ptr_t db,
+         ptr_t workspace, int64_t N, int64_t C, int64_t S, int64_t G, int64_t stride_dyn, int64_t stride_dyc,
+         int64_t stride_dys, int64_t stride_xn, int64_t stride_xc, int64_t stride_xs, int64_t stride_dxn,
+         int64_t stride_dxc, int64_t stride_dxs, bool silu, bool channels_inner, int x_dtype, int w_dtype,
+         int sm_count, ptr_t stream) {
+        const dlh::GroupNormBwdArgs args{dy,         x,          w,          b,          mean,
+                                         rstd,       dx,         dw,         db,         workspace,
+                                         N,          C,          S,          G,          stride_dyn,
+                                         stride_dyc, stride_dys, stride_xn,  stride_xc,  stride_xs,
+                                         stride_dxn, stride_dxc, stride_dxs, silu,       channels_inner,
+                                         x_dtype,    w_dtype,    sm_count,   stream};
+        py::gil_scoped_release no_gil;
+        dlh::group_norm_bwd(args);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("w"), py::arg("b"), py::arg("mean"), py::arg("rstd"), py::arg("dx"),
+      py::arg("dw"), py::arg("db"), py::arg("workspace"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("G"),
+      py::arg("stride_dyn"), py::arg("stride_dyc"), py::arg("stride_dys"), py::arg("stride_xn"),
+      py::arg("stride_xc"), py::arg("stride_xs"), py::arg("stride_dxn"), py::arg("stride_dxc"),
+      py::arg("stride_dxs"), py::arg("silu"), py::arg("channels_inner"), py::arg("x_dtype"), py::arg("w_dtype"),
+      py::arg("sm_count"), py::arg("stream"),
+      "Backward of group_norm_fwd (b matters only with silu): dx and, when given, dw/db ((C,) fp32,\n"
+      "overwritten, deterministic).");
 }

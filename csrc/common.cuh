@@ -60,6 +60,99 @@ void norm_fwd(const NormFwdArgs& args);
 int64_t norm_bwd_workspace(int64_t M, int64_t N, int sm_count);
 void norm_bwd(const NormBwdArgs& args);
 
+// gelu.cu: GELU (exact erf form, or tanh = true for approximate="tanh"), optionally after a bias
+// add, and GeGLU (a * gelu(g) over the two halves of each row of x), forward and backward.
+struct GeluFwdArgs {
+  std::uintptr_t x, bias, y;
+  int64_t M, N, stride_x, stride_y;
+  bool tanh;
+  int x_dtype, bias_dtype;
+  std::uintptr_t stream;
+};
+struct GeluBwdArgs {
+  std::uintptr_t dy, x, bias, dx, dbias, workspace;
+  int64_t M, N, stride_dy, stride_x, stride_dx;
+  bool tanh;
+  int x_dtype, bias_dtype, sm_count;
+  std::uintptr_t stream;
+};
+struct GegluFwdArgs {
+  std::uintptr_t x, y;
+  int64_t M, H, stride_x, stride_y;
+  bool tanh;
+  int dtype;
+  std::uintptr_t stream;
+};
+struct GegluBwdArgs {
+  std::uintptr_t dy, x, dx;
+  int64_t M, H, stride_dy, stride_x, stride_dx;
+  bool tanh;
+  int dtype;
+  std::uintptr_t stream;
+};
+void gelu_fwd(const GeluFwdArgs& args);
+int64_t gelu_bwd_workspace(int64_t M, int64_t N, int sm_count);
+void gelu_bwd(const GeluBwdArgs& args);
+void geglu_fwd(const GegluFwdArgs& args);
+void geglu_bwd(const GegluBwdArgs& args);
+
+// diffusion_step.cu: one reverse diffusion step (method 0 DDPM, 1 DDIM, 2 the sampler's linear
+// interpolation; prediction 0 epsilon, 1 v_prediction, 2 sample) with optional guidance
+// (m = u + guidance_scale*(m - u)) and x0 clipping, and its Philox noise stream. Timesteps and
+// the seed are values, or device pointers to int64 (t/pt: one value with stride 0, or one per
+// batch element, t_stride apart) read by the kernel. noise_mode: 0 none, 1 given (z), 2 drawn from the seed.
+// Layout: n elements over dims (4, collapsed by the caller), strides[4*k + d] for tensor k of
+// (x, m, u, z, out); contig: every tensor contiguous.
+struct DiffusionStepArgs {
+  std::uintptr_t x, m, u, z, out, table, t, pt, seed;
+  int64_t t_value, pt_value, seed_value, t_stride, pt_stride, n, per_batch, n_table;
+  int64_t dims[4];
+  int64_t strides[20];
+  float eta, clip_range, guidance_scale;
+  int method, prediction, noise_mode;
+  bool clip, guidance, contig;
+  int dtype;
+  bool table_f64;
+  std::uintptr_t stream;
+};
+struct SeededRandnArgs {
+  std::uintptr_t out, seed;
+  int64_t seed_value, n;
+  int dtype;
+  std::uintptr_t stream;
+};
+void diffusion_step(const DiffusionStepArgs& args);
+void seeded_randn(const SeededRandnArgs& args);
+
+// group_norm.cu: GroupNorm of (N, C, S) tensors (S: the spatial dims collapsed into one stride)
+// in G groups, with an optional SiLU after the affine, forward and backward. channels_inner
+// picks the unit-stride dim of every tensor: channels (channels_last) or spatial (NCHW).
+// mean/rstd: (N*G,) fp32. dw/db (backward, optional): (C,) fp32, overwritten.
+struct GroupNormFwdArgs {
+  std::uintptr_t x, w, b, y, mean, rstd, workspace;
+  int64_t N, C, S, G;
+  int64_t stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys;
+  float eps;
+  bool silu, channels_inner;
+  int x_dtype, w_dtype, sm_count;
+  std::uintptr_t stream;
+};
+struct GroupNormBwdArgs {
+  std::uintptr_t dy, x, w, b, mean, rstd, dx, dw, db, workspace;
+  int64_t N, C, S, G;
+  int64_t stride_dyn, stride_dyc, stride_dys, stride_xn, stride_xc, stride_xs;
+  int64_t stride_dxn, stride_dxc, stride_dxs;
+  bool silu, channels_inner;
+  int x_dtype, w_dtype, sm_count;
+  std::uintptr_t stream;
+};
+int64_t group_norm_fwd_workspace(int64_t N, int64_t C, int64_t S, int64_t G, bool channels_inner,
+                                 int x_dtype, int sm_count);
+void group_norm_fwd(const GroupNormFwdArgs& args);
+int64_t group_norm_bwd_workspace(int64_t N, int64_t C, int64_t S, int64_t G, bool channels_inner,
+                                 int x_dtype, int sm_count);
+void group_norm_bwd(const GroupNormBwdArgs& args);
+
 }  // namespace dlh
 
 #ifdef __CUDACC__

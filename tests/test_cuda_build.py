@@ -7,7 +7,14 @@ machines without GPUs catch compile errors in csrc/ and even run the kernels:
   (c) without a GPU, calls raise RuntimeError / ValueError, never crash;
   (d) csrc/layer_norm.cu against a float64 reference on shapes that reach each of its kernel
       paths (warp per row, block per row, split rows, row batches, scalar fallback): on a GPU
-      (marked `gpu`), and on the CPU through a small emulation of the CUDA features it uses.
+      (marked `gpu`), and on the CPU through a small emulation of the CUDA features it uses;
+  (e) csrc/gelu.cu (GELU with bias and dbias, GeGLU) the same two ways, on layouts that reach its
+      vector, offset-view, scalar, contiguous-collapse and dbias-partials paths.
+  (f) csrc/diffusion_step.cu through the emulation, driven by the op's own glue, against the
+      float64 torch backend (the real cuda backend is tested in tests/test_diffusion_step.py).
+  (g) csrc/group_norm.cu (GroupNorm + SiLU) driven by the op's own glue, against float64, on a
+      GPU (marked `gpu`) and through the emulation: NCHW and channels-inner groups, fused and
+      split, sample batches, vectors and the scalar fallback, layouts the glue must copy.
 """
 import os
 import re
@@ -158,6 +165,56 @@ NO_GPU_SCRIPT = textwrap.dedent("""
     print("fwd_h_without_res", outcome(C.norm_fwd, **{**fwd, "h": 8 << 20}))
     print("fwd_empty", outcome(C.norm_fwd, **{**fwd, "M": 0}))
     print("ws", outcome(C.norm_fwd_workspace, 8, 1 << 17, 132), C.norm_fwd_workspace(8, 1 << 17, 132))
+
+    gf = dict(x=1 << 20, bias=2 << 20, y=3 << 20, M=64, N=4096, stride_x=4096, stride_y=4096,
+              tanh=False, x_dtype=1, bias_dtype=0, stream=0)
+    gb = dict(dy=1 << 20, x=2 << 20, bias=3 << 20, dx=4 << 20, dbias=5 << 20, workspace=6 << 20,
+              M=4096, N=4096, stride_dy=4096, stride_x=4096, stride_dx=4096, tanh=True, x_dtype=2,
+              bias_dtype=2, sm_count=132, stream=0)
+    qf = dict(x=1 << 20, y=2 << 20, M=64, H=4096, stride_x=8192, stride_y=4096, tanh=False,
+              dtype=1, stream=0)
+    qb = dict(dy=1 << 20, x=2 << 20, dx=3 << 20, M=64, H=4096, stride_dy=4096, stride_x=8192,
+              stride_dx=8192, tanh=True, dtype=0, stream=0)
+    print("gelu_fwd", outcome(C.gelu_fwd, **gf))
+    print("gelu_fwd_no_bias", outcome(C.gelu_fwd, **{**gf, "bias": 0, "bias_dtype": 9}))  # ignored
+    print("gelu_bwd", outcome(C.gelu_bwd, **gb))
+    print("gelu_bwd_no_dbias", outcome(C.gelu_bwd, **{**gb, "dbias": 0, "workspace": 0}))
+    print("geglu_fwd", outcome(C.geglu_fwd, **qf))
+    print("geglu_bwd", outcome(C.geglu_bwd, **qb))
+    print("gelu_fwd_bad_dtype", outcome(C.gelu_fwd, **{**gf, "x_dtype": 5}))
+    print("gelu_fwd_bad_bias_dtype", outcome(C.gelu_fwd, **{**gf, "x_dtype": 1, "bias_dtype": 2}))
+    print("gelu_fwd_null_x", outcome(C.gelu_fwd, **{**gf, "x": 0}))
+    print("gelu_fwd_bad_stride", outcome(C.gelu_fwd, **{**gf, "stride_y": 100}))
+    print("gelu_bwd_bad_N", outcome(C.gelu_bwd, **{**gb, "N": -3}))
+    print("gelu_bwd_no_ws", outcome(C.gelu_bwd, **{**gb, "workspace": 0}))
+    print("gelu_bwd_null_dy", outcome(C.gelu_bwd, **{**gb, "dy": 0}))
+    print("geglu_fwd_bad_dtype", outcome(C.geglu_fwd, **{**qf, "dtype": 7}))
+    print("geglu_bwd_bad_stride", outcome(C.geglu_bwd, **{**qb, "stride_dx": 4096}))
+    print("geglu_bwd_bad_H", outcome(C.geglu_bwd, **{**qb, "H": -1}))
+    print("gelu_fwd_empty", outcome(C.gelu_fwd, **{**gf, "M": 0}))
+    print("gelu_bwd_empty", outcome(C.gelu_bwd, **{**gb, "N": 0}))
+    print("geglu_bwd_empty", outcome(C.geglu_bwd, **{**qb, "H": 0}))
+    print("gelu_ws", outcome(C.gelu_bwd_workspace, 4096, 4096, 132), C.gelu_bwd_workspace(4096, 4096, 132),
+          C.gelu_bwd_workspace(1, 4096, 132))
+
+    if hasattr(C, "group_norm_fwd"):  # an extension built before group_norm.cu existed has none
+        nf = dict(x=1 << 20, w=2 << 20, b=3 << 20, y=4 << 20, mean=5 << 20, rstd=6 << 20, workspace=7 << 20,
+                  N=8, C=128, S=4096, G=32, stride_xn=1 << 19, stride_xc=4096, stride_xs=1,
+                  stride_yn=1 << 19, stride_yc=4096, stride_ys=1, eps=1e-5, silu=True, channels_inner=False,
+                  x_dtype=2, w_dtype=2, sm_count=132, stream=0)
+        nb = dict(dy=1 << 20, x=2 << 20, w=3 << 20, b=4 << 20, mean=5 << 20, rstd=6 << 20, dx=7 << 20,
+                  dw=8 << 20, db=9 << 20, workspace=10 << 20, N=8, C=128, S=4096, G=32,
+                  stride_dyn=1 << 19, stride_dyc=1, stride_dys=128, stride_xn=1 << 19, stride_xc=1,
+                  stride_xs=128, stride_dxn=1 << 19, stride_dxc=1, stride_dxs=128, silu=True,
+                  channels_inner=True, x_dtype=1, w_dtype=0, sm_count=132, stream=0)
+        print("gn_fwd", outcome(C.group_norm_fwd, **nf))
+        print("gn_bwd", outcome(C.group_norm_bwd, **nb))
+        print("gn_fwd_bad_G", outcome(C.group_norm_fwd, **{**nf, "G": 3}))
+        print("gn_fwd_bad_inner", outcome(C.group_norm_fwd, **{**nf, "channels_inner": True}))
+        print("gn_bwd_bad_dtype", outcome(C.group_norm_bwd, **{**nb, "x_dtype": 4}))
+        print("gn_fwd_empty", outcome(C.group_norm_fwd, **{**nf, "N": 0}))
+        print("gn_ws", outcome(C.group_norm_bwd_workspace, 8, 128, 4096, 32, False, 2, 132),
+              C.group_norm_bwd_workspace(8, 128, 4096, 32, False, 2, 132))
 """)
 
 
@@ -178,6 +235,32 @@ def test_calls_without_gpu_raise_cleanly():
         assert results[call].startswith("ValueError: dlh::norm_"), results[call]
     assert results["fwd_empty"] == "ok"  # nothing to do: no launch, no CUDA call
     assert results["ws"].startswith("ok ") and int(results["ws"].split()[1]) > 0
+
+    for call in ("gelu_fwd", "gelu_fwd_no_bias", "gelu_bwd", "gelu_bwd_no_dbias"):
+        assert results[call].startswith("RuntimeError: dlh::gelu_"), results[call]
+    for call in ("geglu_fwd", "geglu_bwd"):
+        assert results[call].startswith("RuntimeError: dlh::geglu_"), results[call]
+    # ValueError, and the message names the argument
+    for call, arg in [("gelu_fwd_bad_dtype", "x_dtype"), ("gelu_fwd_bad_bias_dtype", "bias_dtype"),
+                      ("gelu_fwd_null_x", "x is required"), ("gelu_fwd_bad_stride", "stride_y"),
+                      ("gelu_bwd_bad_N", "N must be >= 0"), ("gelu_bwd_no_ws", "workspace"),
+                      ("gelu_bwd_null_dy", "dy is required"), ("geglu_fwd_bad_dtype", "dtype"),
+                      ("geglu_bwd_bad_stride", "stride_dx"), ("geglu_bwd_bad_H", "H must be >= 0")]:
+        fn = call.split("_bad")[0].split("_null")[0].split("_no_ws")[0]
+        assert results[call].startswith(f"ValueError: dlh::{fn}: ") and arg in results[call], results[call]
+    for call in ("gelu_fwd_empty", "gelu_bwd_empty", "geglu_bwd_empty"):
+        assert results[call] == "ok", results[call]
+    ok, big, single_row = results["gelu_ws"].split()
+    assert ok == "ok" and int(big) > 0 and int(single_row) == 0  # one row group: dbias written directly
+
+    if "gn_fwd" in results:
+        for call in ("gn_fwd", "gn_bwd"):
+            assert results[call].startswith("RuntimeError: dlh::group_norm_"), results[call]
+        for call, arg in [("gn_fwd_bad_G", "G (num_groups) must divide"), ("gn_fwd_bad_inner", "channels_inner"),
+                          ("gn_bwd_bad_dtype", "x_dtype")]:
+            assert results[call].startswith("ValueError: dlh::group_norm_") and arg in results[call], results[call]
+        assert results["gn_fwd_empty"] == "ok"
+        assert results["gn_ws"].startswith("ok ") and int(results["gn_ws"].split()[1]) > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +392,23 @@ class _GpuExt:
         self.C.norm_bwd(**kw, stream=self.stream)
         torch.cuda.synchronize()
 
+    def gelu_bwd_workspace(self, M, N, sms):
+        return self.C.gelu_bwd_workspace(M, N, sms)
+
+    def gelu_fwd(self, **kw):
+        self.C.gelu_fwd(**kw, stream=self.stream)
+
+    def gelu_bwd(self, **kw):
+        self.C.gelu_bwd(**kw, stream=self.stream)
+        torch.cuda.synchronize()
+
+    def geglu_fwd(self, **kw):
+        self.C.geglu_fwd(**kw, stream=self.stream)
+
+    def geglu_bwd(self, **kw):
+        self.C.geglu_bwd(**kw, stream=self.stream)
+        torch.cuda.synchronize()
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,dtype,w_dtype,residual,rms,row_pad", GPU_CASES)
@@ -394,6 +494,31 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
 }
 extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 extern "C" const char* cudaGetErrorString(cudaError_t) { return "no error"; }
+// Device queries: a small "GPU" of emu_sm_count SMs holding one block each, so that grids are a
+// few blocks and the grid-stride loops go round many times.
+extern "C" int emu_sm_count = 3;
+extern "C" cudaError_t cudaGetDevice(int* device) { *device = 0; return cudaSuccess; }
+extern "C" cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrMultiProcessorCount ? emu_sm_count : 0;
+  return cudaSuccess;
+}
+extern "C" cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int, size_t) {
+  *blocks = 1;
+  return cudaSuccess;
+}
+// 16-byte accesses (kernels that call DLH_TEST_VECTOR_ACCESS): how many, and how many misaligned,
+// which a GPU would fault on and a CPU silently allows.
+#include <atomic>
+#include <cstdint>
+inline std::atomic<long long> emu_vector_accesses{0}, emu_misaligned_accesses{0};
+inline void emu_vector_access(const void* p) {
+  emu_vector_accesses.fetch_add(1, std::memory_order_relaxed);
+  if (reinterpret_cast<std::uintptr_t>(p) % 16) emu_misaligned_accesses.fetch_add(1, std::memory_order_relaxed);
+}
+extern "C" long long emu_take_vector_accesses(long long* misaligned) {
+  *misaligned = emu_misaligned_accesses.exchange(0);
+  return emu_vector_accesses.exchange(0);
+}
 """
 
 EMU_EXPORTS = r"""
@@ -417,8 +542,8 @@ extern "C" long long emu_bwd_ws(long long M, long long N, int sm) {
 EMU_BATCH_ELEMS = 40000  # row batches of the split paths after 40k elements instead of 2M
 
 
-def _emulated_source(cu_text):
-    """layer_norm.cu with each `kernel<<<grid, block, smem, stream>>>(args);` made a call."""
+def _emulated_source(cu_text, exports=EMU_EXPORTS, min_launches=3):
+    """A .cu file with each `kernel<<<grid, block, smem, stream>>>(args);` made a call."""
     launch = re.compile(r"^(\s*)([^\n;]+?)<<<(.+?)>>>\((.*?)\);", re.M | re.S)
 
     def rewrite(m):
@@ -427,8 +552,8 @@ def _emulated_source(cu_text):
         return f"{indent}::emu::launch({grid}, {block}, [&] {{ {kernel}({args}); }});"
 
     text, launches = launch.subn(rewrite, cu_text)
-    assert launches >= 3, "expected the three kernel launches of layer_norm.cu"
-    return text.replace('#include "common.cuh"', '#include "emu.h"\n#include "common.cuh"') + EMU_EXPORTS
+    assert launches >= min_launches, f"expected at least {min_launches} kernel launches, found {launches}"
+    return text.replace('#include "common.cuh"', '#include "emu.h"\n#include "common.cuh"') + exports
 
 
 class _EmulatedExt:
@@ -474,8 +599,8 @@ class _EmulatedExt:
         self._call(self.lib.emu_norm_bwd, self.Bwd(**kw, stream=0))
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
+def _build_emulated(tmp_path_factory, cu_name, exports, min_launches, defines=()):
+    """Compiles csrc/<cu_name> with the CUDA emulation into a shared library; returns its ctypes.CDLL."""
     import ctypes
 
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
@@ -490,14 +615,22 @@ def emulated(tmp_path_factory):
     if probe.returncode != 0:
         pytest.skip(f"{cxx} lacks C++20 <barrier>")
     (work / "emu.h").write_text(EMU_HEADER)
-    (work / "layer_norm_emu.cpp").write_text(_emulated_source((CSRC / "layer_norm.cu").read_text()))
-    lib = work / "layer_norm_emu.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", f"-DDLH_TEST_SPLIT_BATCH_ELEMS={EMU_BATCH_ELEMS}",
-           f"-I{work}", f"-I{CSRC}", f"-I{cuda_include}", str(work / "layer_norm_emu.cpp"), "-o", str(lib),
-           "-pthread"]
+    stem = Path(cu_name).stem
+    source = work / f"{stem}_emu.cpp"
+    source.write_text(_emulated_source((CSRC / cu_name).read_text(), exports, min_launches))
+    lib = work / f"{stem}_emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", *defines, f"-I{work}", f"-I{CSRC}",
+           f"-I{cuda_include}", str(source), "-o", str(lib), "-pthread"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"the emulated build of layer_norm.cu failed:\n{proc.stderr}"
-    return _EmulatedExt(ctypes.CDLL(str(lib)))
+    assert proc.returncode == 0, f"the emulated build of {cu_name} failed:\n{proc.stderr}"
+    return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    lib = _build_emulated(tmp_path_factory, "layer_norm.cu", EMU_EXPORTS, 3,
+                          [f"-DDLH_TEST_SPLIT_BATCH_ELEMS={EMU_BATCH_ELEMS}"])
+    return _EmulatedExt(lib)
 
 
 # (M, N, dtype, w_dtype, residual, rms, row_pad, sm_count, weight): the path each one reaches
@@ -517,3 +650,735 @@ EMULATED_CASES = [
 @pytest.mark.parametrize("M,N,dtype,w_dtype,residual,rms,row_pad,sms,weight", EMULATED_CASES)
 def test_norm_kernels_emulated_on_cpu(emulated, M, N, dtype, w_dtype, residual, rms, row_pad, sms, weight):
     _check_norm(emulated, torch.device("cpu"), sms, M, N, dtype, w_dtype, residual, rms, row_pad, weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) csrc/gelu.cu against float64, through the raw interface: GELU with an optional bias (in the
+# input dtype or fp32) and dbias, and GeGLU; on a GPU (marked `gpu`) and on the CPU emulation.
+# Every output lives in a NaN-filled buffer larger than its view (row padding, an offset start):
+# the view must come back finite and everything around it still NaN.
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _rows(device, g, M, N, ld, dtype, scale=1.0, offset=0, fill=None):
+    """An (M, N) view with row stride ld, starting `offset` elements into its storage; and the storage."""
+    n = M * ld + offset
+    if fill is None:
+        buf = (torch.randn(n, device=device, generator=g) * scale).to(dtype)
+    else:
+        buf = torch.full((n,), fill, device=device, dtype=dtype)
+    return buf[offset:].view(M, ld)[:, :N], buf
+
+
+def _written_exactly(buf, view):
+    """The view is all finite and every other element of its NaN-filled storage is still NaN."""
+    return bool(torch.isfinite(view).all()) and torch.isnan(buf).sum().item() == buf.numel() - view.numel()
+
+
+def _gelu64(h, tanh):
+    return torch.nn.functional.gelu(h, approximate="tanh" if tanh else "none")
+
+
+def _check_gelu(ext, device, sms, M, N, dtype, bias_dtype, tanh, row_pad, offset):
+    """gelu_fwd, then gelu_bwd without dbias (elementwise kernel) and with it (dbias kernel, twice)."""
+    g = torch.Generator(device=device).manual_seed(M * 7919 + N)
+    ld, nan = N + row_pad, float("nan")
+    x, _ = _rows(device, g, M, N, ld, dtype, 3.0, offset)  # |x| up to ~12: both tails of erf / tanh
+    dy, _ = _rows(device, g, M, N, ld, dtype, 1.0, offset)
+    bias = None if bias_dtype is None else torch.randn(N, device=device, generator=g).to(bias_dtype)
+    # The reference adds the bias in float64: the kernels add it in fp32, unrounded.
+    hd = (x.double() + (bias.double() if bias is not None else 0.0)).requires_grad_()
+    y_ref = _gelu64(hd, tanh)
+    y_ref.backward(dy.double())
+    dx_ref = hd.grad
+    common = dict(M=M, N=N, tanh=tanh, x_dtype=CODE[dtype],
+                  bias_dtype=CODE[bias_dtype] if bias is not None else 0)
+
+    y, y_buf = _rows(device, g, M, N, ld, dtype, offset=offset, fill=nan)
+    ext.gelu_fwd(x=x.data_ptr(), bias=_ptr(bias), y=y.data_ptr(), stride_x=ld, stride_y=ld, **common)
+    assert _written_exactly(y_buf, y), "gelu_fwd: y not written exactly"
+    assert _err(y, y_ref) <= TOL[dtype], "gelu_fwd: y"
+
+    ws = torch.full((ext.gelu_bwd_workspace(M, N, sms) // 4 + 4,), nan, device=device)
+    dbias = []
+    for with_dbias in (False, True, True):  # twice with dbias: it must be bitwise reproducible
+        dx, dx_buf = _rows(device, g, M, N, ld, dtype, offset=offset, fill=nan)
+        db = torch.full((N,), nan, device=device) if with_dbias else None
+        ext.gelu_bwd(dy=dy.data_ptr(), x=x.data_ptr(), bias=_ptr(bias), dx=dx.data_ptr(), dbias=_ptr(db),
+                     workspace=ws.data_ptr(), stride_dy=ld, stride_x=ld, stride_dx=ld, sm_count=sms, **common)
+        assert _written_exactly(dx_buf, dx), f"gelu_bwd (dbias={with_dbias}): dx not written exactly"
+        assert _err(dx, dx_ref) <= TOL[dtype], f"gelu_bwd (dbias={with_dbias}): dx"
+        if with_dbias:
+            dbias.append(db)
+    # dbias: fp32 sums over M rows of the unrounded dx, relative to their own scale
+    assert _rel_err(dbias[0], dx_ref.sum(0)) <= 1e-4, "gelu_bwd: dbias"
+    assert torch.equal(dbias[0], dbias[1]), "gelu_bwd: dbias is not reproducible"
+
+
+def _check_geglu(ext, device, M, H, dtype, tanh, row_pad):
+    g = torch.Generator(device=device).manual_seed(M * 7919 + H)
+    nan = float("nan")
+    ld_x, ld_y = 2 * H + row_pad, H + row_pad
+    x, _ = _rows(device, g, M, 2 * H, ld_x, dtype, 3.0)
+    dy, _ = _rows(device, g, M, H, ld_y, dtype)
+    xd = x.double().requires_grad_()
+    a, gate = xd.chunk(2, -1)
+    y_ref = a * _gelu64(gate, tanh)
+    y_ref.backward(dy.double())
+    common = dict(M=M, H=H, tanh=tanh, dtype=CODE[dtype])
+
+    y, y_buf = _rows(device, g, M, H, ld_y, dtype, fill=nan)
+    ext.geglu_fwd(x=x.data_ptr(), y=y.data_ptr(), stride_x=ld_x, stride_y=ld_y, **common)
+    assert _written_exactly(y_buf, y), "geglu_fwd: y not written exactly"
+    assert _err(y, y_ref) <= TOL[dtype], "geglu_fwd: y"
+
+    dx, dx_buf = _rows(device, g, M, 2 * H, ld_x, dtype, fill=nan)
+    ext.geglu_bwd(dy=dy.data_ptr(), x=x.data_ptr(), dx=dx.data_ptr(), stride_dy=ld_y, stride_x=ld_x,
+                  stride_dx=ld_x, **common)
+    assert _written_exactly(dx_buf, dx), "geglu_bwd: dx not written exactly"
+    assert _err(dx[:, :H], xd.grad[:, :H]) <= TOL[dtype], "geglu_bwd: da"
+    assert _err(dx[:, H:], xd.grad[:, H:]) <= TOL[dtype], "geglu_bwd: dg"
+
+
+def _check_gelu_in_place(ext, device, sms):
+    """y = x and dx = dy (the same storage) are allowed: each element is read before it is written."""
+    g = torch.Generator(device=device).manual_seed(11)
+    x = (torch.randn(3001, device=device, generator=g) * 3).to(torch.bfloat16)
+    dy = torch.randn(3001, device=device, generator=g).to(torch.bfloat16)
+    hd = x.double().requires_grad_()
+    _gelu64(hd, False).backward(dy.double())
+    y = x.clone()
+    ext.gelu_fwd(x=y.data_ptr(), bias=0, y=y.data_ptr(), M=1, N=3001, stride_x=3001, stride_y=3001,
+                 tanh=False, x_dtype=2, bias_dtype=0)
+    assert _err(y, _gelu64(x.double(), False)) <= TOL[torch.bfloat16]
+    dx = dy.clone()
+    ext.gelu_bwd(dy=dx.data_ptr(), x=x.data_ptr(), bias=0, dx=dx.data_ptr(), dbias=0, workspace=0, M=1,
+                 N=3001, stride_dy=3001, stride_x=3001, stride_dx=3001, tanh=False, x_dtype=2, bias_dtype=0,
+                 sm_count=sms)
+    assert _err(dx, hd.grad) <= TOL[torch.bfloat16]
+
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+# (M, N, dtype, bias_dtype, tanh, row_pad, offset): why this case (sm_count of this GPU)
+GPU_GELU_CASES = [
+    (8192, 3072, BF16, BF16, False, 0, 0),     # GPT-2 MLP shape: vectors, in-dtype bias, dbias partials
+    (4096, 4096, F16, F32, True, 0, 0),        # fp32 bias on fp16 (two 16-byte bias packs per group)
+    (37, 4097, F16, None, False, 0, 0),        # odd N: contiguous rows run as one vectorised row
+    (1, (1 << 24) + 3, F32, None, True, 0, 5),  # flat tensor, offset view: scalar head, then vectors
+    (1000, 50257, BF16, F32, False, 7, 0),     # vocabulary-sized rows padded to 50264: ragged tails
+    (3, 100, F32, F32, True, 3, 1),            # nothing aligned: the scalar path
+    (65, 8, F16, F16, False, 0, 0),            # one group per row, 32 rows per block
+    (100000, 64, BF16, BF16, True, 0, 0),      # many tiny rows: dbias over many row groups
+]
+# (M, H, dtype, tanh, row_pad)
+GPU_GEGLU_CASES = [
+    (8192, 4096, BF16, False, 0),              # a typical FFN: vectors
+    (333, 1000, F16, True, 8),                 # padded rows
+    (17, 4099, F32, False, 0),                 # odd H: g is misaligned against a, scalar path
+    (1, 123457, F16, True, 0),                 # one long row
+]
+
+
+def _gpu_ext():
+    C, err = _import_ext()
+    if C is None:
+        pytest.skip(f"dlh_kernels._C is not built ({err})")
+    return _GpuExt(C), torch.cuda.get_device_properties(0).multi_processor_count
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,dtype,bias_dtype,tanh,row_pad,offset", GPU_GELU_CASES)
+def test_gpu_gelu_against_float64(M, N, dtype, bias_dtype, tanh, row_pad, offset):
+    ext, sms = _gpu_ext()
+    _check_gelu(ext, torch.device("cuda"), sms, M, N, dtype, bias_dtype, tanh, row_pad, offset)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,H,dtype,tanh,row_pad", GPU_GEGLU_CASES)
+def test_gpu_geglu_against_float64(M, H, dtype, tanh, row_pad):
+    ext, _ = _gpu_ext()
+    _check_geglu(ext, torch.device("cuda"), M, H, dtype, tanh, row_pad)
+
+
+@pytest.mark.gpu
+def test_gpu_gelu_in_place():
+    ext, sms = _gpu_ext()
+    _check_gelu_in_place(ext, torch.device("cuda"), sms)
+
+
+@pytest.mark.gpu
+def test_gpu_gelu_past_2_31_elements():
+    """64-bit offsets: one flat row of 2^31 + 37 elements, then 65537 rows of 32776 with dbias."""
+    ext, sms = _gpu_ext()
+    if torch.cuda.get_device_properties(0).total_memory < 24 << 30:
+        pytest.skip("needs ~20 GB of GPU memory")
+    dev, nan = torch.device("cuda"), float("nan")
+    N = (1 << 31) + 37
+    x = torch.empty(N, dtype=F16, device=dev).uniform_(-6, 6)
+    y = torch.full_like(x, nan)
+    ext.gelu_fwd(x=x.data_ptr(), bias=0, y=y.data_ptr(), M=1, N=N, stride_x=N, stride_y=N, tanh=False,
+                 x_dtype=CODE[F16], bias_dtype=0)
+    torch.cuda.synchronize()
+    assert not torch.isnan(y).any()
+    for start in (0, (1 << 31) - 4096, N - 4096):  # the windows a 32-bit index would get wrong
+        window = slice(start, start + 4096)
+        assert _err(y[window], _gelu64(x[window].double(), False)) <= TOL[F16], start
+    del x, y
+
+    M, N = (1 << 16) + 1, (1 << 15) + 8
+    x = torch.empty(M, N, dtype=BF16, device=dev).uniform_(-6, 6)
+    dy = torch.empty(M, N, dtype=BF16, device=dev).uniform_(-1, 1)
+    bias = torch.randn(N, device=dev)
+    dx, db = torch.full_like(x, nan), torch.full((N,), nan, device=dev)
+    ws = torch.empty(ext.gelu_bwd_workspace(M, N, sms) // 4 + 4, device=dev)
+    ext.gelu_bwd(dy=dy.data_ptr(), x=x.data_ptr(), bias=bias.data_ptr(), dx=dx.data_ptr(), dbias=db.data_ptr(),
+                 workspace=ws.data_ptr(), M=M, N=N, stride_dy=N, stride_x=N, stride_dx=N, tanh=True,
+                 x_dtype=CODE[BF16], bias_dtype=CODE[F32], sm_count=sms)
+    assert not torch.isnan(dx).any()
+    db_ref = torch.zeros(N, dtype=torch.float64, device=dev)
+    for r0 in range(0, M, 4096):
+        hd = (x[r0:r0 + 4096].double() + bias.double()).requires_grad_()
+        _gelu64(hd, True).backward(dy[r0:r0 + 4096].double())
+        db_ref += hd.grad.sum(0)
+        if r0 in (0, M - 1 - (M - 1) % 4096):  # first and last rows
+            assert _err(dx[r0:r0 + 4096], hd.grad) <= TOL[BF16], r0
+    assert _rel_err(db, db_ref) <= 1e-4
+
+
+# ---- the same on the CPU emulation ------------------------------------------------------------
+EMU_GELU_EXPORTS = r"""
+#include <exception>
+#define EMU_ENTRY(name, Args)                                                      \
+  extern "C" int emu_##name(const dlh::Args* a, char* err, int n) {                \
+    try { dlh::name(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; } \
+    return 0;                                                                      \
+  }
+EMU_ENTRY(gelu_fwd, GeluFwdArgs)
+EMU_ENTRY(gelu_bwd, GeluBwdArgs)
+EMU_ENTRY(geglu_fwd, GegluFwdArgs)
+EMU_ENTRY(geglu_bwd, GegluBwdArgs)
+extern "C" long long emu_gelu_bwd_ws(long long M, long long N, int sm) {
+  return dlh::gelu_bwd_workspace(M, N, sm);
+}
+"""
+
+
+class _EmulatedGeluExt:
+    """The dlh_kernels._C GELU interface over the CPU-emulated kernels (ctypes)."""
+
+    def __init__(self, lib):
+        import ctypes
+
+        def args(pointers, sizes, ints):  # mirrors the dlh::*Args structs of common.cuh
+            fields = ([(n, ctypes.c_uint64) for n in pointers.split()]
+                      + [(n, ctypes.c_int64) for n in sizes.split()] + [("tanh", ctypes.c_bool)]
+                      + [(n, ctypes.c_int) for n in ints.split()] + [("stream", ctypes.c_uint64)])
+            return type("Args", (ctypes.Structure,), {"_fields_": fields})
+
+        self.args = {
+            "gelu_fwd": args("x bias y", "M N stride_x stride_y", "x_dtype bias_dtype"),
+            "gelu_bwd": args("dy x bias dx dbias workspace", "M N stride_dy stride_x stride_dx",
+                             "x_dtype bias_dtype sm_count"),
+            "geglu_fwd": args("x y", "M H stride_x stride_y", "dtype"),
+            "geglu_bwd": args("dy x dx", "M H stride_dy stride_x stride_dx", "dtype"),
+        }
+        lib.emu_gelu_bwd_ws.restype = ctypes.c_longlong
+        lib.emu_gelu_bwd_ws.argtypes = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int]
+        lib.emu_take_vector_accesses.restype = ctypes.c_longlong
+        self.lib, self.ctypes = lib, ctypes
+        self.vector_accesses = {}  # entry point -> 16-byte accesses so far
+
+    def _call(self, name, kw):
+        err = self.ctypes.create_string_buffer(512)
+        failed = getattr(self.lib, "emu_" + name)(self.ctypes.byref(self.args[name](**kw, stream=0)), err, 512)
+        misaligned = self.ctypes.c_longlong(0)
+        count = self.lib.emu_take_vector_accesses(self.ctypes.byref(misaligned))
+        assert misaligned.value == 0, f"{name}: {misaligned.value} misaligned 16-byte accesses (a GPU faults)"
+        self.vector_accesses[name] = self.vector_accesses.get(name, 0) + count
+        if failed:
+            raise RuntimeError(err.value.decode())
+
+    def gelu_bwd_workspace(self, M, N, sms):
+        return self.lib.emu_gelu_bwd_ws(M, N, sms)
+
+    def gelu_fwd(self, **kw):
+        self._call("gelu_fwd", kw)
+
+    def gelu_bwd(self, **kw):
+        self._call("gelu_bwd", kw)
+
+    def geglu_fwd(self, **kw):
+        self._call("geglu_fwd", kw)
+
+    def geglu_bwd(self, **kw):
+        self._call("geglu_bwd", kw)
+
+
+@pytest.fixture(scope="module")
+def emulated_gelu(tmp_path_factory):
+    return _EmulatedGeluExt(_build_emulated(tmp_path_factory, "gelu.cu", EMU_GELU_EXPORTS, 3,
+                                            ["-DDLH_TEST_VECTOR_ACCESS=emu_vector_access"]))
+
+
+# The emulated GPU has 3 SMs holding one block each: grids of <= 3 blocks (gelu_bwd: sm_count),
+# so every grid-stride loop runs many rounds. Every 16-byte access is checked for alignment, and
+# `vec` says whether the layout must take the vector path (True) or the scalar one (False).
+# (M, N, dtype, bias_dtype, tanh, row_pad, offset, sms, vec)
+EMULATED_GELU_CASES = [
+    (37, 4097, F16, None, False, 0, 0, 2, True),   # odd N, contiguous: one row of 151589 in vectors;
+                                                   # dbias: rows of odd stride, scalar, 1 group
+    (6, 1007, BF16, F32, True, 1, 0, 2, True),     # N % 8 == 7, rows padded to 1008: ragged tails;
+                                                   # fp32 bias on bf16 (two packs per group)
+    (5, 300, F32, F32, False, 4, 0, 2, True),      # fp32 groups of 4, padded rows
+    (1, 20011, F16, None, True, 0, 3, 2, True),    # M = 1 flat, prime N, 3 elements into its
+                                                   # storage: scalar head of 5, then vectors
+    (200, 40, BF16, None, False, 0, 3, 2, True),   # short rows, 8 rows per block, an offset start
+                                                   # (pad 3, vectors); dbias: 4 row groups
+    (130, 72, F16, F16, True, 0, 0, 2, True),      # in-dtype fp16 bias; dbias: 3 row groups
+    (3, 50, F32, None, True, 3, 1, 2, False),      # rows of stride 53 from an odd start: scalar
+    (1, 5000, BF16, F32, False, 0, 0, 4, True),    # M = 1 with bias: dbias written directly
+]
+# (M, H, dtype, tanh, row_pad, vec)
+EMULATED_GEGLU_CASES = [
+    (9, 264, F16, False, 0, True),                 # H % 8 == 0: vectors
+    (7, 100, BF16, True, 6, False),                # H % 8 == 4: g misaligned against a, scalar
+    (4, 96, F32, True, 4, True),                   # fp32 vectors, padded rows
+    (1, 4099, F16, False, 0, False),               # one row, odd H: scalar
+]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("M,N,dtype,bias_dtype,tanh,row_pad,offset,sms,vec", EMULATED_GELU_CASES)
+def test_gelu_kernels_emulated_on_cpu(emulated_gelu, M, N, dtype, bias_dtype, tanh, row_pad, offset, sms, vec):
+    emulated_gelu.vector_accesses.clear()
+    _check_gelu(emulated_gelu, torch.device("cpu"), sms, M, N, dtype, bias_dtype, tanh, row_pad, offset)
+    for fn in ("gelu_fwd", "gelu_bwd"):
+        assert (emulated_gelu.vector_accesses[fn] > 0) == vec, (fn, emulated_gelu.vector_accesses)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("M,H,dtype,tanh,row_pad,vec", EMULATED_GEGLU_CASES)
+def test_geglu_kernels_emulated_on_cpu(emulated_gelu, M, H, dtype, tanh, row_pad, vec):
+    emulated_gelu.vector_accesses.clear()
+    _check_geglu(emulated_gelu, torch.device("cpu"), M, H, dtype, tanh, row_pad)
+    for fn in ("geglu_fwd", "geglu_bwd"):
+        assert (emulated_gelu.vector_accesses[fn] > 0) == vec, (fn, emulated_gelu.vector_accesses)
+
+
+@needs_nvcc
+def test_gelu_in_place_emulated_on_cpu(emulated_gelu):
+    _check_gelu_in_place(emulated_gelu, torch.device("cpu"), 2)
+
+
+@needs_nvcc
+def test_gelu_bad_arguments_emulated(emulated_gelu):
+    """Argument errors name the argument (the ValueError type itself is checked on the real module)."""
+    ext = emulated_gelu
+    fwd = dict(x=16, bias=0, y=32, M=2, N=8, stride_x=8, stride_y=8, tanh=False, x_dtype=1, bias_dtype=0)
+    bwd = dict(dy=16, x=32, bias=0, dx=48, dbias=64, workspace=0, M=4096, N=64, stride_dy=64, stride_x=64,
+               stride_dx=64, tanh=False, x_dtype=0, bias_dtype=0, sm_count=132)
+    geglu = dict(dy=16, x=32, dx=48, M=2, H=8, stride_dy=8, stride_x=16, stride_dx=16, tanh=True, dtype=2)
+    bad = [
+        (ext.gelu_fwd, {**fwd, "x_dtype": 3}, "dlh::gelu_fwd: x_dtype"),
+        (ext.gelu_fwd, {**fwd, "bias": 64, "bias_dtype": 2}, "dlh::gelu_fwd: bias_dtype"),
+        (ext.gelu_fwd, {**fwd, "y": 0}, "dlh::gelu_fwd: y is required"),
+        (ext.gelu_fwd, {**fwd, "M": -1}, "dlh::gelu_fwd: M must be >= 0"),
+        (ext.gelu_fwd, {**fwd, "stride_y": 4}, "dlh::gelu_fwd: stride_y must be >= 8"),
+        (ext.gelu_bwd, {**bwd, "sm_count": 0}, "dlh::gelu_bwd: sm_count"),
+        (ext.gelu_bwd, bwd, "dlh::gelu_bwd: with dbias, this shape needs a workspace"),
+        (ext.gelu_bwd, {**bwd, "x": 0}, "dlh::gelu_bwd: x is required"),
+        (ext.geglu_bwd, {**geglu, "stride_dx": 8}, "dlh::geglu_bwd: stride_dx must be >= 16"),
+        (ext.geglu_bwd, {**geglu, "dtype": -2}, "dlh::geglu_bwd: dtype"),
+    ]
+    for fn, kw, message in bad:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            fn(**kw)
+    fwd_geglu = {k: v for k, v in geglu.items() if k not in ("dy", "dx", "stride_dy", "stride_dx")}
+    with pytest.raises(RuntimeError, match=re.escape("dlh::geglu_fwd: y is required")):
+        ext.geglu_fwd(**fwd_geglu, y=0, stride_y=8)
+    # Empty problems launch nothing and need no pointers.
+    ext.gelu_fwd(**{**fwd, "x": 0, "y": 0, "N": 0})
+    ext.gelu_bwd(**{**bwd, "dy": 0, "x": 0, "dx": 0, "M": 0})
+    ext.geglu_fwd(**{**fwd_geglu, "x": 0, "y": 0, "stride_y": 8, "M": 0})
+
+
+# ---------------------------------------------------------------------------------------------
+# (f) csrc/diffusion_step.cu through the emulation, called by the op's own glue
+# (dlh_kernels.ops.diffusion_step._cuda_step) with the emulated module standing in for
+# dlh_kernels._C: every method, prediction, noise mode, timestep form and layout the glue can
+# send, against the float64 torch backend; the drawn noise against the torch Philox stream.
+# (On a GPU, tests/test_diffusion_step.py runs the real cuda backend the same way.)
+
+EMU_STEP_EXPORTS = r"""
+#include <exception>
+extern "C" int emu_diffusion_step(const dlh::DiffusionStepArgs* a, char* err, int n) {
+  try { dlh::diffusion_step(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; }
+  return 0;
+}
+extern "C" int emu_seeded_randn(const dlh::SeededRandnArgs* a, char* err, int n) {
+  try { dlh::seeded_randn(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; }
+  return 0;
+}
+"""
+
+
+class _EmulatedStepExt:
+    """dlh_kernels._C's diffusion_step and seeded_randn (same positional arguments) over the
+    CPU-emulated kernels, through ctypes structures that mirror dlh::DiffusionStepArgs and
+    dlh::SeededRandnArgs."""
+
+    def __init__(self, lib):
+        import ctypes
+
+        U, I = ctypes.c_uint64, ctypes.c_int64  # noqa: E741
+
+        class Step(ctypes.Structure):
+            _fields_ = ([(n, U) for n in "x m u z out table t pt seed".split()]
+                        + [(n, I) for n in "t_value pt_value seed_value t_stride pt_stride n per_batch "
+                                           "n_table".split()]
+                        + [("dims", I * 4), ("strides", I * 20)]
+                        + [(n, ctypes.c_float) for n in ("eta", "clip_range", "guidance_scale")]
+                        + [(n, ctypes.c_int) for n in ("method", "prediction", "noise_mode")]
+                        + [(n, ctypes.c_bool) for n in ("clip", "guidance", "contig")]
+                        + [("dtype", ctypes.c_int), ("table_f64", ctypes.c_bool), ("stream", U)])
+
+        class Randn(ctypes.Structure):
+            _fields_ = [("out", U), ("seed", U), ("seed_value", I), ("n", I), ("dtype", ctypes.c_int),
+                        ("stream", U)]
+
+        self.lib, self.Step, self.Randn, self.ctypes = lib, Step, Randn, ctypes
+        self.I = I
+
+    def _call(self, fn, args):
+        err = self.ctypes.create_string_buffer(512)
+        if fn(self.ctypes.byref(args), err, 512):
+            raise RuntimeError(err.value.decode())
+
+    def diffusion_step(self, *args):
+        names = [n for n, _ in self.Step._fields_]
+        kw = dict(zip(names, args))
+        kw["dims"] = (self.I * 4)(*kw["dims"])
+        kw["strides"] = (self.I * 20)(*kw["strides"])
+        self._call(self.lib.emu_diffusion_step, self.Step(**kw))
+
+    def seeded_randn(self, *args):
+        self._call(self.lib.emu_seeded_randn, self.Randn(*args))
+
+
+@pytest.fixture(scope="module")
+def emulated_step(tmp_path_factory):
+    return _EmulatedStepExt(_build_emulated(tmp_path_factory, "diffusion_step.cu", EMU_STEP_EXPORTS, 3))
+
+
+@pytest.fixture
+def step_ops(emulated_step, monkeypatch):
+    """dlh_kernels.ops.diffusion_step with its cuda glue routed to the emulated kernels."""
+    from dlh_kernels import _ext
+    from dlh_kernels.ops import diffusion_step as D
+    monkeypatch.setattr(_ext, "ext", lambda: emulated_step)
+    monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
+    return D
+
+
+# (shape, dtype, table dtype, method, prediction, eta, clip, guidance, noise, timesteps, layout)
+# noise: "given", "seed" (int), "seed_tensor"; timesteps: "int" (t=500 -> 480), "per_batch"
+# (tensors: first, middle and last steps of a 50-step schedule side by side), "final" (0 -> -1)
+EMULATED_STEP_CASES = [
+    ((2, 3, 5, 7), torch.float32, torch.float32, 0, 0, 0.0, None, None, "given", "int", "contiguous"),
+    ((3, 4, 6, 6), torch.bfloat16, torch.float64, 1, 1, 0.5, 1.0, 3.0, "seed", "per_batch", "contiguous"),
+    ((3, 2, 9, 5), torch.float16, torch.float32, 1, 2, 1.0, 1.5, None, "seed_tensor", "per_batch", "strided"),
+    ((2, 3, 4, 4), torch.float32, torch.float32, 0, 1, 0.0, None, 7.5, "seed", "per_batch", "channels_last"),
+    ((5, 33), torch.float32, torch.float64, 0, 2, 0.0, 1.0, None, "given", "final", "contiguous"),
+    ((2, 3, 8), torch.float32, torch.float32, 2, 0, 0.0, None, None, None, "int", "strided"),
+]
+
+
+def _step_inputs(shape, dtype, layout, g):
+    def make(scale=1.0):
+        t = torch.randn(shape, generator=g) * scale
+        if layout == "strided":  # a slice of a wider last dim, and a transposed buffer
+            t = torch.cat([t, torch.randn(shape[:-1] + (3,), generator=g)], -1)[..., : shape[-1]]
+        elif layout == "channels_last":
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t.to(dtype)
+    return make(), make(), make(0.5), make()
+
+
+@needs_nvcc
+@pytest.mark.parametrize("shape,dtype,table_dtype,method,pred,eta,clip,guidance,noise,steps,layout",
+                         EMULATED_STEP_CASES)
+def test_diffusion_step_emulated_on_cpu(step_ops, shape, dtype, table_dtype, method, pred, eta, clip,
+                                        guidance, noise, steps, layout):
+    D = step_ops
+    g = torch.Generator().manual_seed(3)
+    x, m, u, z = _step_inputs(shape, dtype, layout, g)
+    if method == 2:  # interp: the table holds interpolation times 1 - k/16
+        table = (1 - torch.arange(16, dtype=torch.float64) / 16).to(table_dtype)
+    else:
+        table = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0).to(table_dtype)
+    t, pt = {"int": (500, 480) if method != 2 else (3, 4), "final": (0, -1),
+             "per_batch": (torch.tensor([[980, 1], [500, 1], [0, 1]][: shape[0]])[:, 0],  # stride 2
+                           torch.tensor([960, 480, -1][: shape[0]]))}[steps]
+    seed = {"seed": 1234, "seed_tensor": torch.tensor(99), "given": None, None: None}[noise]
+    zz = z if noise == "given" else None
+    uu = u if guidance is not None else None
+    ours, ref = torch.empty_like(x), torch.empty(x.shape, dtype=torch.float64).to(memory_format=torch.contiguous_format)
+    D._STEP["cuda"](x, m, uu, zz, ours, table, t, pt, seed, method, pred, eta, clip, guidance)
+    D._STEP["torch"](x, m, uu, zz, ref, table, t, pt, seed, method, pred, eta, clip, guidance)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    scale = max(1.0, ref.abs().max().item())
+    assert torch.isfinite(ours).all()
+    assert (ours.double() - ref).abs().max().item() / scale <= tol
+    if layout == "channels_last":
+        assert ours.stride() == x.stride()
+
+
+@needs_nvcc
+def test_diffusion_step_invalid_timestep_emulated(step_ops):
+    D = step_ops
+    x = torch.randn(3, 40)
+    table = torch.linspace(0.999, 0.01, 100)
+    out = torch.empty_like(x)
+    D._STEP["cuda"](x, x, None, None, out, table, torch.tensor([5, 100, -1]), torch.tensor([4, 3, 2]), None,
+                    1, 0, 0.0, None, None)
+    assert torch.isfinite(out[0]).all() and out[1:].isnan().all(), "a timestep outside the table writes NaN"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_seeded_randn_emulated(step_ops, dtype):
+    D = step_ops
+    for seed in (0, 12345, (1 << 40) + 7, torch.tensor(2 ** 33 + 5)):
+        out = torch.empty(3, 1001, dtype=dtype)
+        D._RANDN["cuda"](out, seed)
+        ref = D.philox_randn((3, 1001), seed)
+        # the same Philox words, then logf/cosf/sqrtf here vs torch's: a few ulps apart
+        torch.testing.assert_close(out.float(), ref.to(dtype).float(), atol=1e-5 if dtype == torch.float32 else 2e-2,
+                                   rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# (g) csrc/group_norm.cu (GroupNorm + SiLU, forward and backward) through the op's own glue
+# (dlh_kernels.ops.group_norm._cuda_fwd / _cuda_bwd: inner-layout choice, copies, workspaces)
+# against float64, on layouts and sizes that reach every kernel path: spatial-inner (NCHW) and
+# channels-inner (channels_last, (N, C)) groups, fused and split, several sample batches, 16-byte
+# vectors and the scalar fallback. On a GPU (marked `gpu`) with the real extension; on the CPU
+# with the emulated kernels standing in for dlh_kernels._C.
+
+EMU_GN_EXPORTS = r"""
+#include <exception>
+extern "C" int emu_group_norm_fwd(const dlh::GroupNormFwdArgs* a, char* err, int n) {
+  try { dlh::group_norm_fwd(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; }
+  return 0;
+}
+extern "C" int emu_group_norm_bwd(const dlh::GroupNormBwdArgs* a, char* err, int n) {
+  try { dlh::group_norm_bwd(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; }
+  return 0;
+}
+extern "C" long long emu_group_norm_fwd_ws(long long N, long long C, long long S, long long G, bool inner,
+                                           int dtype, int sm) {
+  return dlh::group_norm_fwd_workspace(N, C, S, G, inner, dtype, sm);
+}
+extern "C" long long emu_group_norm_bwd_ws(long long N, long long C, long long S, long long G, bool inner,
+                                           int dtype, int sm) {
+  return dlh::group_norm_bwd_workspace(N, C, S, G, inner, dtype, sm);
+}
+"""
+EMU_GN_BATCH_BYTES = 40000  # split-path sample batches after 40 kB of re-read data instead of 16 MB
+
+
+class _EmulatedGroupNormExt:
+    """dlh_kernels._C's group_norm_* (same positional arguments) over the CPU-emulated kernels,
+    through ctypes structures that mirror dlh::GroupNormFwdArgs and dlh::GroupNormBwdArgs."""
+
+    def __init__(self, lib):
+        import ctypes
+
+        U, I = ctypes.c_uint64, ctypes.c_int64  # noqa: E741
+        tail = [(n, ctypes.c_int) for n in ("x_dtype", "w_dtype", "sm_count")] + [("stream", U)]
+
+        class Fwd(ctypes.Structure):
+            _fields_ = ([(n, U) for n in "x w b y mean rstd workspace".split()]
+                        + [(n, I) for n in "N C S G stride_xn stride_xc stride_xs stride_yn stride_yc "
+                                           "stride_ys".split()]
+                        + [("eps", ctypes.c_float), ("silu", ctypes.c_bool), ("channels_inner", ctypes.c_bool)]
+                        + tail)
+
+        class Bwd(ctypes.Structure):
+            _fields_ = ([(n, U) for n in "dy x w b mean rstd dx dw db workspace".split()]
+                        + [(n, I) for n in "N C S G stride_dyn stride_dyc stride_dys stride_xn stride_xc "
+                                           "stride_xs stride_dxn stride_dxc stride_dxs".split()]
+                        + [("silu", ctypes.c_bool), ("channels_inner", ctypes.c_bool)] + tail)
+
+        for name in ("emu_group_norm_fwd_ws", "emu_group_norm_bwd_ws"):
+            fn = getattr(lib, name)
+            fn.restype = ctypes.c_longlong
+            fn.argtypes = [ctypes.c_longlong] * 4 + [ctypes.c_bool, ctypes.c_int, ctypes.c_int]
+        self.lib, self.Fwd, self.Bwd, self.ctypes = lib, Fwd, Bwd, ctypes
+
+    def _call(self, fn, args):
+        err = self.ctypes.create_string_buffer(512)
+        if fn(self.ctypes.byref(args), err, 512):
+            raise RuntimeError(err.value.decode())
+
+    def group_norm_fwd_workspace(self, *args):
+        return self.lib.emu_group_norm_fwd_ws(*args)
+
+    def group_norm_bwd_workspace(self, *args):
+        return self.lib.emu_group_norm_bwd_ws(*args)
+
+    def group_norm_fwd(self, *args):
+        self._call(self.lib.emu_group_norm_fwd, self.Fwd(*args))
+
+    def group_norm_bwd(self, *args):
+        self._call(self.lib.emu_group_norm_bwd, self.Bwd(*args))
+
+
+@pytest.fixture(scope="module")
+def emulated_gn(tmp_path_factory):
+    return _EmulatedGroupNormExt(_build_emulated(tmp_path_factory, "group_norm.cu", EMU_GN_EXPORTS, 3,
+                                                 [f"-DDLH_TEST_GN_BATCH_BYTES={EMU_GN_BATCH_BYTES}"]))
+
+
+def _gn_layout(t, layout, g):
+    if layout == "channels_last":
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+    if layout == "padded":  # every sample padded: a stride_n that is not C*S (vectors stay aligned)
+        return torch.cat([t, torch.randn((t.shape[0], 8) + t.shape[2:], generator=g)], 1)[:, : t.shape[1]]
+    if layout == "strided":  # a spatial stride of 2 and no unit channel stride: the glue copies
+        return torch.stack([t, torch.randn(t.shape, generator=g)], -1)[..., 0]
+    return t
+
+
+def _check_group_norm(GN, device, shape, G, dtype, w_dtype, layout, dy_layout, silu, affine=True):
+    """The cuda backend's forward and backward (twice: dw/db bitwise repeatable) against float64."""
+    from dlh_kernels import _alloc
+    g = torch.Generator().manual_seed(sum(shape) * 31 + G)
+    C = shape[1]
+    # a mean far from 0 and a ramp along the last dim: each tile of a split group has its own mean
+    ramp = torch.linspace(-2.0, 2.0, shape[-1]) if len(shape) > 2 else 0.0
+    x = _gn_layout(torch.randn(shape, generator=g) * 2 + 3 + ramp, layout, g).to(dtype).to(device)
+    dy = _gn_layout(torch.randn(shape, generator=g), dy_layout, g).to(dtype).to(device)
+    w = (torch.rand(C, generator=g) + 0.5).to(w_dtype).to(device) if affine else None
+    b = torch.randn(C, generator=g).to(w_dtype).to(device) if affine else None
+    act = "silu" if silu else None
+
+    xd = x.double().requires_grad_()
+    wd = w.double().requires_grad_() if affine else None
+    bd = b.double().requires_grad_() if affine else None
+    y_ref = GN.group_norm_reference(xd, G, wd, bd, 1e-5, act)
+    y_ref.backward(dy.double())
+    xg = x.double().reshape(shape[0], G, -1)
+    mean_ref, var_ref = xg.mean(-1).reshape(-1), xg.var(-1, unbiased=False).reshape(-1)
+
+    _alloc.set_poison(True)  # every output starts as NaN: an unwritten element fails the checks
+    try:
+        y = GN._new_like(x, real=True)
+        mean = torch.full((shape[0] * G,), float("nan"), device=device)
+        rstd = mean.clone()
+        GN._FWD["cuda"](GN._ncs(x), w, b, y.view(GN._sizes(y)), mean, rstd, G, 1e-5, silu)
+        grads = []
+        for _ in range(2):
+            dx = GN._new_like(x, real=True)
+            dw, db = GN._BWD["cuda"](GN._ncs(dy), GN._ncs(x), w, b, mean, rstd, dx.view(GN._sizes(dx)), G,
+                                     silu, affine, affine)
+            grads.append((dx, dw, db))
+    finally:
+        _alloc.set_poison(False)
+    assert y.stride() == GN._new_like(x).stride(), "the output keeps the layout the fake kernel promises"
+    assert _err(y, y_ref) <= TOL[dtype], "y"
+    assert _err(mean, mean_ref) <= 2e-6, "mean"
+    assert _rel_err(rstd, torch.rsqrt(var_ref + 1e-5)) <= 1e-5, "rstd"
+    (dx, dw, db), (dx2, dw2, db2) = grads
+    assert _err(dx, xd.grad) <= TOL[dtype], "dx"
+    assert torch.equal(dx, dx2)
+    if affine:
+        # fp32 sums over N*S of the same rounded inputs, relative to their own scale
+        assert _rel_err(dw, wd.grad) <= 1e-4 and torch.equal(dw, dw2), "dw"
+        assert _rel_err(db, bd.grad) <= 1e-4 and torch.equal(db, db2), "db"
+
+
+# (shape, G, dtype, w_dtype, layout, dy_layout, silu, affine, sm_count): the path each one reaches.
+# The emulated GPU has sm_count SMs; with few groups (< sm_count/2) of >= 8192 elements the
+# kernels split groups to fill it. VEC: 4 fp32, 8 fp16/bf16 elements per 16-byte vector.
+EMULATED_GN_CASES = [
+    ((2, 8, 4, 8), 4, F32, F32, "contiguous", "contiguous", True, True, 8),    # NCHW fused, vectors
+    ((2, 6, 5, 3), 3, BF16, F32, "contiguous", "contiguous", True, True, 8),   # 5x3: scalar, fp32 w
+    ((3, 16, 3, 5), 2, F16, F16, "channels_last", "channels_last", True, True, 8),  # NHWC fused,
+                                                                               # Cg = 8: one vector
+    ((2, 6, 4, 4), 2, F32, F32, "channels_last", "contiguous", False, True, 8),  # NHWC, Cg = 3:
+                                                                               # scalar; dy copied
+    ((5, 12), 3, BF16, BF16, "contiguous", "contiguous", True, False, 8),      # (N, C): channels
+                                                                               # inner, no affine
+    ((2, 4, 64, 64), 2, F32, F32, "contiguous", "contiguous", True, True, 16),  # NCHW split: 4
+                                                                               # tiles, 2 batches
+    ((1, 16, 32, 32), 2, BF16, BF16, "channels_last", "channels_last", True, True, 16),  # NHWC
+                                                                               # split, 8 bwd tiles
+    ((2, 8, 12, 10), 1, F16, F32, "padded", "strided", False, True, 8),        # one group, padded
+                                                                               # samples, dy copied
+    ((2, 4, 6, 6), 2, F32, F32, "strided", "strided", True, True, 8),          # no unit stride:
+                                                                               # x copied to NCHW
+    ((1, 6, 91, 91), 2, F16, F16, "contiguous", "contiguous", True, True, 16),  # NCHW split, Cg = 3,
+                                                                               # 91x91: scalar
+    ((1, 24, 40, 40), 2, BF16, F32, "channels_last", "channels_last", True, True, 16),  # NHWC split,
+                                                                               # Cg = 12: 2 vectors
+                                                                               # a row, scalar
+]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("shape,G,dtype,w_dtype,layout,dy_layout,silu,affine,sms", EMULATED_GN_CASES, ids=str)
+def test_group_norm_kernels_emulated_on_cpu(emulated_gn, monkeypatch, shape, G, dtype, w_dtype, layout,
+                                            dy_layout, silu, affine, sms):
+    from dlh_kernels import _ext
+    from dlh_kernels.ops import group_norm as GN
+    monkeypatch.setattr(_ext, "ext", lambda: emulated_gn)
+    monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
+    monkeypatch.setattr(_ext, "sm_count", lambda index: sms)
+    _check_group_norm(GN, torch.device("cpu"), shape, G, dtype, w_dtype, layout, dy_layout, silu, affine)
+
+
+@needs_nvcc
+def test_group_norm_bad_arguments_emulated(emulated_gn):
+    """Argument errors name the argument (the ValueError type itself is checked on the real module)."""
+    ext = emulated_gn
+    fwd = [16, 0, 0, 32, 48, 64, 0, 2, 8, 16, 4, 128, 16, 1, 128, 16, 1, 1e-5, True, False, 0, 0, 8, 0]
+    for i, value, message in [
+        (8, 6, "G (num_groups) must divide C = 6"),      # C = 6, G = 4
+        (10, 0, "G (num_groups) must be >= 1"),
+        (20, 3, "x_dtype must be 0 (float32)"),
+        (0, 0, "x is required"),
+        (13, 2, "x: spatial-inner needs a spatial stride of 1, got 2"),
+    ]:
+        args = list(fwd)
+        args[i] = value
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            ext.group_norm_fwd(*args)
+    cols = list(fwd)
+    cols[19] = True  # channels_inner, but the channel stride of x is 16
+    with pytest.raises(RuntimeError, match=re.escape("x: channels_inner needs a channel stride of 1")):
+        ext.group_norm_fwd(*cols)
+    ext.group_norm_fwd(*(fwd[:7] + [0] + fwd[8:]))  # N = 0: nothing to do, no launch
+
+
+GPU_GN_CASES = [
+    ((64, 128, 32, 32), 32, BF16, BF16, "contiguous", "contiguous", True, True),    # fused, 4K groups
+    ((16, 128, 64, 64), 32, BF16, F32, "channels_last", "channels_last", True, True),  # 16K: NHWC
+    ((8, 512, 64, 64), 32, F16, F16, "contiguous", "contiguous", True, True),       # split, batches
+    ((1, 256, 128, 128), 32, F32, F32, "channels_last", "contiguous", False, True),  # few big groups
+    ((3, 96, 7, 7), 32, BF16, BF16, "contiguous", "contiguous", True, True),        # Cg = 3, 7x7
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,G,dtype,w_dtype,layout,dy_layout,silu,affine", GPU_GN_CASES, ids=str)
+def test_gpu_group_norm_against_float64(shape, G, dtype, w_dtype, layout, dy_layout, silu, affine):
+    C, err = _import_ext()
+    if C is None or not hasattr(C, "group_norm_fwd"):
+        pytest.skip(f"dlh_kernels._C is not built with group_norm ({err})")
+    from dlh_kernels.ops import group_norm as GN
+    _check_group_norm(GN, torch.device("cuda"), shape, G, dtype, w_dtype, layout, dy_layout, silu, affine)
+    torch.cuda.synchronize()
