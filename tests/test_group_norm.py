@@ -1,0 +1,389 @@
+"""GroupNorm (+ fused SiLU) on every backend that runs here, against a float64 reference
+computed from the same rounded inputs, forward and every gradient.
+
+Without a GPU: `torch` and `triton` (interpreter) on CPU tensors. With one: all three backends
+on CUDA tensors, plus the GPU-only tests at the bottom. The CUDA C++ kernels are also run on the
+CPU through tests/test_cuda_build.py's emulation.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dlh_kernels as dlh
+import dlh_kernels.functional as DF
+from dlh_kernels import _alloc
+from dlh_kernels.ops import group_norm as gn
+from dlh_kernels.triton_kernels import group_norm as triton_gn
+
+from conftest import HAS_GPU, assert_close
+
+DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ACTIVATIONS = [None, "silu"]
+
+
+def _backend_param(name):
+    reason = dlh.backends()[name] if DEVICE.type == "cuda" else (
+        "available" if name != "cuda" else "the cuda backend needs CUDA tensors")
+    return pytest.param(name, marks=pytest.mark.skipif(reason != "available", reason=reason))
+
+
+BACKENDS = [_backend_param(b) for b in ("torch", "triton", "cuda")]
+KERNEL_BACKENDS = [_backend_param(b) for b in ("triton", "cuda")]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    """Every kernel output starts as NaN: an element a kernel does not write fails the test."""
+    _alloc.set_poison(True)
+    yield
+    _alloc.set_poison(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# One call, its float64 reference and eager PyTorch, from the same inputs.
+
+def laid_out(t, layout, g):
+    """The same values in the layouts users hand us."""
+    if layout == "channels_last":       # NHWC storage (4-d) or (N, S, C) storage (3-d)
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+    if layout == "padded":              # a slice: strides larger than dense, spatial collapses
+        wide = torch.cat([t, torch.randn(t.shape[:-2] + (2, t.shape[-1]), generator=g)], -2)
+        return wide[..., : t.shape[-2], :]
+    if layout == "strided_spatial":     # every other column: the spatial stride is 2
+        return torch.stack([t, torch.randn(t.shape, generator=g)], -1)[..., 0]
+    if layout == "interleaved":         # memory order N, H, C, W: H and W do not collapse
+        return t.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    return t
+
+
+def make_inputs(shape, dtype, *, weight=True, bias=True, weight_dtype=None, layout="contiguous",
+                seed=0):
+    """Leaf tensors (x, weight, bias) in `dtype`, random, never zeros."""
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    # a mean far from 0 exposes E[x^2] - E[x]^2 variance formulas; a ramp over the spatial dims
+    # gives every chunk of a split group its own mean, which the combination must account for
+    ramp = torch.linspace(-2.0, 2.0, shape[-1]) if len(shape) > 2 else 0.0
+    x = laid_out(torch.randn(*shape, generator=g) * 2.0 + 3.0 + ramp, layout, g).to(dtype)
+    wd = weight_dtype or dtype
+    w = (torch.randn(C, generator=g) * 0.5 + 1.0).to(wd) if weight else None
+    b = (torch.randn(C, generator=g) * 0.5).to(wd) if bias else None
+    return [t if t is None else t.to(DEVICE).requires_grad_() for t in (x, w, b)]
+
+
+def _detached(ts, dtype=None):
+    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in ts]
+
+
+def check_op(shape, groups, dtype, activation, backend, eps=1e-5, **kw):
+    inputs = make_inputs(shape, dtype, **kw)
+    out = DF.group_norm(inputs[0], groups, inputs[1], inputs[2], eps, activation=activation,
+                        backend=backend)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+
+    ref_in = _detached(inputs, torch.float64)
+    ref = gn.group_norm_reference(ref_in[0], groups, ref_in[1], ref_in[2], eps, activation)
+    eager_in = _detached(inputs)
+    eager = DF.group_norm(eager_in[0], groups, eager_in[1], eager_in[2], eps, activation=activation,
+                          backend="torch")
+
+    assert out.dtype == dtype and out.shape == inputs[0].shape
+    assert_close(out, ref, eager, dtype, "out")
+    out.backward(grad_out)
+    ref.backward(grad_out.double())
+    eager.backward(grad_out)
+    for name, t, rt, et in zip(["input", "weight", "bias"], inputs, ref_in, eager_in):
+        if t is None:
+            continue
+        assert t.grad is not None and t.grad.dtype == t.dtype, f"no/wrong gradient for {name}"
+        assert_close(t.grad, rt.grad, et.grad, dtype, f"grad {name}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep.
+
+SHAPES = [
+    ((2, 6, 5, 3), 3),         # odd spatial size (5x3 = 15): masked tile tail
+    ((1, 12, 7, 9), 4),        # Cg = 3 channels per group (not a power of two), 7x9 spatial
+    ((2, 4, 7), 1),            # one group: a LayerNorm over (C, L)
+    ((2, 6, 4, 4), 6),         # G = C: an InstanceNorm
+    ((3, 8), 4),               # spatial-less (N, C): groups of 2 elements
+    ((2, 4, 1), 4),            # one element per group: var = 0, y = act(b)
+    ((2, 4, 3, 2, 2), 2),      # three spatial dims (a 3-d U-Net)
+]
+# every dtype with the SiLU; without it, the fp32 and bf16 ends
+MODES = [("silu", torch.float32), ("silu", torch.float16), ("silu", torch.bfloat16),
+         (None, torch.float32), (None, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation,dtype", MODES, ids=str)
+@pytest.mark.parametrize("shape,groups", SHAPES, ids=str)
+def test_sweep(shape, groups, activation, dtype, backend):
+    check_op(shape, groups, dtype, activation, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unet_lowest_resolution(backend):
+    # the U-Net's GroupNorm(32, 64) + SiLU at 4x4: 32 groups of Cg = 2 channels
+    check_op((1, 64, 4, 4), 32, torch.bfloat16, "silu", backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape,groups,layout", [
+    ((1, 128, 32, 32), 32, "contiguous"),     # U-Net GroupNorm(32, 128) at 32x32: 4K-element
+                                              # groups, the fused path at its default limits
+    ((1, 32, 64, 64), 8, "channels_last"),    # 16K-element groups at 64x64, past the fused
+                                              # limit: the split path at its default tile
+])
+def test_unet_groups(shape, groups, layout, backend):
+    # bf16 only, for time: the interpreter pays per element here; fp32 runs in the sweep
+    check_op(shape, groups, torch.bfloat16, "silu", backend, layout=layout)
+
+
+@pytest.fixture
+def tiny_split_limits():
+    """Reach the split path with interpreter-sized groups: fuse tiles up to 64 elements, split
+    tiles of 16, 16 programs wanted (several chunks per group), batches of 1-2 samples."""
+    triton_gn.set_limits(max_fused=64, split_tile=16, batch_bytes=1200, cpu_programs=16)
+    yield
+    triton_gn.set_limits()
+
+
+@pytest.mark.parametrize("shape,groups,layout,activation,dtype", [
+    # one group of 4 x 35: 4 one-channel blocks x 3 spatial chunks, the last of 3 positions
+    ((1, 4, 5, 7), 1, "contiguous", "silu", torch.float32),
+    # channels_last, Cg = 3 in a 4-wide tile, 5 chunks of 2 tiles; 1 sample per batch: 2 launch
+    # pairs
+    ((2, 6, 5, 7), 2, "channels_last", "silu", torch.float32),
+    ((2, 6, 5, 7), 2, "channels_last", "silu", torch.float16),
+    # one past a power of two along the only spatial dim; no activation
+    ((1, 4, 33), 2, "contiguous", None, torch.float16),
+    # a slice whose spatial stride is 2
+    ((2, 4, 6, 6), 2, "strided_spatial", "silu", torch.bfloat16),
+], ids=str)
+def test_split_path(shape, groups, layout, activation, dtype, tiny_split_limits):
+    if DEVICE.type == "cuda":
+        pytest.skip("the interpreter-sized split limits are for CPU runs; GPU tests use real sizes")
+    check_op(shape, groups, dtype, activation, "triton", layout=layout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "padded", "strided_spatial", "interleaved"])
+def test_layouts(layout, dtype, backend):
+    out = check_op((2, 6, 5, 4), 3, dtype, "silu", backend, layout=layout)
+    if layout == "channels_last" and backend != "torch":
+        # no copy back to NCHW: the output keeps the input's layout, as eager's does
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight,bias,weight_dtype", [
+    (False, False, None),               # no affine parameters
+    (True, False, None),                # weight only
+    (False, True, None),                # bias only: the SiLU sees xhat + b
+    (True, True, torch.float32),        # fp32 parameters with bf16 activations (mixed precision)
+], ids=["none", "weight", "bias", "fp32_params"])
+def test_affine_variants(weight, bias, weight_dtype, backend):
+    check_op((2, 8, 3, 5), 4, torch.bfloat16, "silu", backend, weight=weight, bias=bias,
+             weight_dtype=weight_dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 4, 3), (2, 4, 0)], ids=str)
+def test_empty(shape, backend):
+    x, w, b = make_inputs(shape, torch.float32)
+    y = DF.group_norm(x, 2, w, b, activation="silu", backend=backend)
+    assert y.shape == shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    if backend != "torch" or shape[0] == 0:  # eager's dw/db of an empty spatial dim are NaN
+        assert (w.grad == 0).all() and (b.grad == 0).all()
+
+
+def test_deterministic_and_repeatable():
+    # no atomics anywhere: two runs give bitwise the same forward and gradients
+    runs = []
+    for _ in range(2):
+        x, w, b = make_inputs((3, 8, 5, 5), torch.float32, seed=3)
+        y = DF.group_norm(x, 4, w, b, activation="silu", backend="triton")
+        (y * y).sum().backward()
+        runs.append([y, x.grad, w.grad, b.grad])
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library contract, compilation, modules and patch.
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout,activation", [("contiguous", "silu"), ("channels_last", "none")])
+def test_opcheck(layout, activation, backend):
+    if backend == "torch" and layout == "channels_last" and not HAS_GPU:
+        pytest.skip("for time: the layout logic is the kernels' (the torch op shares it)")
+    x, w, b = make_inputs((2, 6, 3, 5), torch.float32, layout=layout)
+    torch.library.opcheck(gn.group_norm_op.custom_op, (x, w, b, 3, 1e-5, activation, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend):
+    # Without a GPU, aot_eager: the same Dynamo trace (fullgraph: no graph break around the op)
+    # and AOT autograd through the fake and backward registrations, without Inductor's C++
+    # codegen of the surrounding ops (~20 s per test on CPU, and nothing of ours).
+    compiler = "inductor" if HAS_GPU else "aot_eager"
+    torch._dynamo.reset()
+    x, w, b = make_inputs((2, 8, 4, 5), torch.float32)
+
+    def block(x, w, b):
+        h = DF.group_norm(x, 4, w, b, activation="silu", backend=backend)
+        return (DF.group_norm(h * 2, 2, w, None, backend=backend) * h).sum()
+
+    eager = block(x, w, b)
+    eager.backward()
+    grads = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    compiled = torch.compile(block, fullgraph=True, backend=compiler)(x, w, b)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for t, g in zip((x, w, b), grads):
+        torch.testing.assert_close(t.grad, g)
+
+
+class _ResBlockNorm(torch.nn.Module):
+    """The normalisation half of a DDPM U-Net ResBlock: GroupNorm(32, C), SiLU."""
+
+    def __init__(self, c=64):
+        super().__init__()
+        self.norm = torch.nn.GroupNorm(32, c)
+        self.act = torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.norm(x))
+
+
+def test_module_is_drop_in_and_patch_swaps_it():
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 4, 4)
+    fused = dlh.nn.GroupNorm(32, 64, activation="silu")
+    fused.backend = "triton"
+    ref = torch.nn.GroupNorm(32, 64)
+    ref.load_state_dict(fused.state_dict())
+    assert isinstance(fused, torch.nn.GroupNorm) and fused.state_dict().keys() == ref.state_dict().keys()
+    torch.testing.assert_close(fused(x), F.silu(ref(x)))
+    assert "activation='silu'" in repr(fused)
+    with pytest.raises(ValueError, match="activation"):
+        dlh.nn.GroupNorm(2, 4, activation="relu")
+
+    model = _ResBlockNorm()
+    before = model(x)
+    report = dlh.patch(model, ops={"group_norm"}, backend="triton")
+    assert type(model.norm) is dlh.nn.GroupNorm and [r[0] for r in report.replaced] == ["norm"]
+    torch.testing.assert_close(model(x), before)
+    assert dlh.unpatch(model) == 1 and type(model.norm) is torch.nn.GroupNorm
+
+
+def test_explain():
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    verdict = dlh.explain("group_norm", x, 4, activation="silu")
+    assert verdict["torch"] == "ok" and "float64" in verdict["triton"] and verdict["auto"] == "picks torch"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, before any launch.
+
+@pytest.mark.parametrize("call_, match", [
+    (lambda: DF.group_norm(torch.randn(2, 6, 4), 4), "num_groups must be a positive divisor"),
+    (lambda: DF.group_norm(torch.randn(2, 6, 4), 0), "num_groups"),
+    (lambda: DF.group_norm(torch.randn(2, 6, 4), 2.0), "num_groups must be an int"),
+    (lambda: DF.group_norm(torch.randn(6), 2), r"input must have shape \(N, C, \*\)"),
+    (lambda: DF.group_norm(torch.randn(2, 6, 4), 2, torch.randn(5)), r"weight must have shape \[6\]"),
+    (lambda: DF.group_norm(torch.randn(2, 6, 4), 2, None, torch.randn(6, 1)), "bias must have shape"),
+    (lambda: DF.group_norm(torch.randn(2, 6, 4), 2, torch.randn(6, device="meta")), "weight is on meta"),
+    (lambda: DF.group_norm(torch.randn(2, 6, 4), 2, torch.randn(6).int()), "weight must be floating"),
+    (lambda: DF.group_norm(torch.arange(12).view(2, 6), 2), "input must be a floating-point"),
+    (lambda: DF.group_norm([1.0, 2.0], 1), "input must be a torch.Tensor"),
+    (lambda: DF.group_norm(torch.randn(2, 6, 4), 2, activation="relu"), "activation must be one of"),
+    (lambda: DF.group_norm(torch.randn(2, 6, 4).bfloat16(), 2, torch.randn(6).half()),
+     r"weight dtype torch.float16 must be the input's \(torch.bfloat16\) or float32"),
+    (lambda: DF.group_norm(torch.randn(2, 6, 4).double(), 2, None, torch.randn(6)), "bias dtype"),
+    (lambda: DF.group_norm(torch.randn(2, 6, 4).half(), 2, torch.randn(6), torch.randn(6).half()),
+     "weight and bias must share one dtype"),
+    (lambda: DF.group_norm(torch.randn(2, 6, 4), 2, backend="fast"), "backend must be one of"),
+])
+def test_bad_input(call_, match):
+    with pytest.raises((TypeError, ValueError, RuntimeError), match=match):
+        call_()
+
+
+def test_named_backend_that_cannot_run_raises():
+    x = torch.randn(2, 8, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="triton.*float64"):
+        DF.group_norm(x, 4, backend="triton")
+    if not HAS_GPU:
+        with pytest.raises(RuntimeError, match="cuda"):
+            DF.group_norm(x.float(), 4, backend="cuda")
+    # auto never fails for lack of a kernel: float64 goes to torch
+    torch.testing.assert_close(DF.group_norm(x, 4, activation="silu"), F.silu(F.group_norm(x, 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: real U-Net sizes on every backend and layout, CUDA graphs, 64-bit offsets.
+
+UNET_SHAPES = [
+    (64, 128, 32, 32),   # many 4K-element groups: the fused path
+    (16, 256, 32, 32),   # 8K-element groups: the fused limit
+    (8, 128, 64, 64),    # 16K-element groups: split
+    (2, 512, 64, 64),    # 64 groups of 64K elements: split, few groups
+    (1, 256, 128, 128),  # 32 groups of 131K elements: split over the whole GPU
+    (3, 96, 7, 7),       # Cg = 3, odd spatial: scalar fallbacks
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", UNET_SHAPES, ids=str)
+def test_gpu_unet_sizes(shape, layout, backend):
+    check_op(shape, 32, torch.bfloat16, "silu", backend, layout=layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [UNET_SHAPES[1], UNET_SHAPES[3]], ids=str)
+def test_gpu_unet_sizes_other_dtypes(shape, layout, dtype, backend):
+    check_op(shape, 32, dtype, None if dtype == torch.float32 else "silu", backend, layout=layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gpu_cuda_graph(backend):
+    x, w, b = (t.detach() for t in make_inputs((8, 256, 32, 32), torch.bfloat16))
+    DF.group_norm(x, 32, w, b, activation="silu", backend=backend)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = DF.group_norm(x, 32, w, b, activation="silu", backend=backend)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = F.silu(F.group_norm(x.float(), 32, w.float(), b.float())).to(x.dtype)
+    torch.testing.assert_close(static_out, expected, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gpu_64bit_offsets(backend):
+    # 2 samples of 2^30 + 2^15 elements: the second sample starts past 2^31, and offsets inside
+    # one sample pass 2^31 in bf16 bytes; the last group is checked against float64
+    x = torch.randn(2, 2, 2**29 + 2**14, device="cuda", dtype=torch.bfloat16)
+    y = DF.group_norm(x, 2, activation="silu", backend=backend)
+    tail = x[-1, -1].double()
+    expected = F.silu((tail - tail.mean()) * torch.rsqrt(tail.var(unbiased=False) + 1e-5))
+    assert (y[-1, -1].double() - expected).abs().max().item() < 3e-2
+    del x, y
+    torch.cuda.empty_cache()
