@@ -1,0 +1,299 @@
+"""Fused attention against SDPA's backends, torch.compile and eager math, one run.
+
+Providers, side by side on the same inputs (B, H, L, D), self-attention (S = L):
+  dlh-triton            DF.scaled_dot_product_attention(..., backend="triton")
+  dlh-triton-atomic-dq  the same with the atomic-dQ backward (bwd only: the forward is the same)
+  sdpa-flash            F.scaled_dot_product_attention under sdpa_kernel(FLASH_ATTENTION)
+  sdpa-efficient        ... EFFICIENT_ATTENTION (xFormers' memory-efficient kernel)
+  sdpa-cudnn            ... CUDNN_ATTENTION
+  sdpa-math             ... MATH (eager: the L x S matrix in memory)
+  torch.compile         softmax(q k^T * scale (+ causal mask)) v written out, compiled
+                        (dynamic=None: a second length makes it one dynamic graph)
+
+Attention is compute-bound: every row reports TFLOP/s from the count below and that as a % of
+the bf16 matmul rate measured at the start of the run. Modes: fwd (the forward) and bwd (the
+backward alone: the forward runs outside the timed region, the graph is kept).
+Sweep: head dims 64 and 128, causal or not, L = 512 .. 16K at 16K tokens per batch (B = 16K / L)
+and H = 2048 / D heads (FlashAttention's benchmark shapes); the O(L^2)-memory providers
+(sdpa-math, torch.compile) stop at 4K. Plus the seed models' attention: GPT (T = 256, 6 heads of
+64, causal, batch 64) and ViT (17 tokens, 8 heads of 32, batch 8), where launch cost dominates.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import common
+from .layer_norm import DTYPES
+
+PROVIDERS = ("dlh-triton", "dlh-triton-atomic-dq", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
+             "sdpa-math", "torch.compile")
+BWD_ONLY = {"dlh-triton-atomic-dq"}
+QUADRATIC = {"sdpa-math", "torch.compile"}   # hold the L x S scores in memory
+QUADRATIC_MAX_L = 4096
+MODES = ("fwd", "bwd")
+TOKENS, MODEL_DIM = 16384, 2048
+
+# (case, B, H, L, D, causal)
+SWEEP = [("sweep", TOKENS // L, MODEL_DIM // D, L, D, causal)
+         for D in (64, 128) for causal in (False, True) for L in (512, 1024, 2048, 4096, 8192, 16384)]
+QUICK = [("sweep", TOKENS // L, MODEL_DIM // D, L, D, causal)
+         for D in (64, 128) for causal in (False, True) for L in (1024, 4096)]
+SEED = [("gpt-seed", 64, 6, 256, 64, True), ("vit-seed", 8, 8, 17, 32, False)]
+DEVICE = "cuda"  # where the sweep allocates; a CPU dry run of this file can point it at "cpu"
+
+# A provider is fn(q, k, v, causal) -> out, or the reason it cannot run.
+Provider = Union[Callable, str]
+
+
+def shapes(quick: bool) -> list[tuple]:
+    return (QUICK if quick else SWEEP) + SEED
+
+
+def flops(mode: str, B: int, H: int, L: int, S: int, D: int, causal: bool) -> float:
+    """The count FlashAttention's benchmarks use: 4 * B * H * L * S * D for the forward (Q K^T and
+    P V, 2 FLOPs per multiply-add), 2.5x that for the backward (five matmuls of the same size
+    where the forward has two), halved for causal (half the scores are masked)."""
+    fwd = 4 * B * H * L * S * D / (2 if causal else 1)
+    return fwd if mode == "fwd" else 2.5 * fwd
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers
+
+def _dlh(atomic_dq: bool = False) -> Provider:
+    try:
+        import dlh_kernels as dlh
+        import dlh_kernels.functional as DF
+    except Exception as exc:
+        return f"dlh_kernels.functional is not importable ({_short(exc)})"
+    status = dlh.backends().get("triton", "unknown backend")
+    if status != "available":
+        return status
+
+    def run(q, k, v, causal):
+        return DF.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="triton")
+    return _AtomicDQ(run) if atomic_dq else run
+
+
+class _AtomicDQ:
+    """Runs the backward with DQ_MODE = "atomic" (the forward is the same as dlh-triton's)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, q, k, v, causal):
+        return self.fn(q, k, v, causal)
+
+    @staticmethod
+    def grad(out, inputs, grad_out):
+        from dlh_kernels.triton_kernels import attention as kernels
+        old, kernels.DQ_MODE = kernels.DQ_MODE, "atomic"
+        try:
+            return torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+        finally:
+            kernels.DQ_MODE = old
+
+
+def _sdpa(name: str) -> Provider:
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError as exc:
+        return f"torch.nn.attention is not importable ({_short(exc)})"
+    backend = getattr(SDPBackend, name, None)
+    if backend is None:
+        return f"this torch has no SDPBackend.{name}"
+
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def math_attention(q, k, v, causal):
+    """Attention written out (what torch.compile gets)."""
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    if causal:
+        L, S = scores.shape[-2:]
+        keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores.float(), -1).to(q.dtype) @ v
+
+
+def _compiled() -> Provider:
+    cfg = torch._dynamo.config
+    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 256)
+    # the bwd mode replays one backward graph (retain_graph=True): no buffer donation
+    functorch_cfg = getattr(getattr(torch, "_functorch", None), "config", None)
+    if functorch_cfg is not None and hasattr(functorch_cfg, "donated_buffer"):
+        functorch_cfg.donated_buffer = False
+    return torch.compile(math_attention)
+
+
+def providers() -> dict[str, Provider]:
+    return {
+        "dlh-triton": _dlh(),
+        "dlh-triton-atomic-dq": _dlh(atomic_dq=True),
+        "sdpa-flash": _sdpa("FLASH_ATTENTION"),
+        "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
+        "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+        "sdpa-math": _sdpa("MATH"),
+        "torch.compile": _compiled(),
+    }
+
+
+def _short(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {msg[0] if msg else ''}"[:160]
+
+
+# ---------------------------------------------------------------------------------------------
+# Timed calls
+
+def timed_call(name: str, fn: Callable, mode: str, q, k, v, causal: bool, grad_out) -> Callable:
+    """The thing one timing repeats: the forward, or the backward of one kept forward graph."""
+    if mode == "fwd":
+        return lambda: fn(q, k, v, causal)
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(qg, kg, vg, causal)
+    if isinstance(fn, _AtomicDQ):
+        return lambda: fn.grad(out, (qg, kg, vg), grad_out)
+    return lambda: torch.autograd.grad(out, (qg, kg, vg), grad_out, retain_graph=True)
+
+
+def max_rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest |y - ref| / (1 + |ref|): about one bf16 ulp between correct kernels."""
+    return ((y.float() - ref.float()).abs() / (1 + ref.float().abs())).max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+def run(*, quick: bool = False, dtype: str = "bf16", out: Optional[Path] = None) -> int:
+    print("measuring the ceilings (1 GiB device copy, bf16 8192^3 matmul) ...", flush=True)
+    ceilings = common.measure_ceilings()
+    meta = common.run_metadata(ceilings)
+    print(f"{meta['device']}: copy {ceilings['copy_gbps']:,.0f} GB/s, "
+          f"bf16 matmul {ceilings['matmul_bf16_tflops']:,.0f} TFLOP/s\n", flush=True)
+    out = out or common.default_out_dir()
+    sweep = Sweep(dtype, ceilings["matmul_bf16_tflops"], *((10, 40) if quick else (25, 100)))
+    started = time.time()
+    provs = providers()
+    for name, p in provs.items():
+        if isinstance(p, str):
+            sweep.skip(name, p)
+    try:
+        for shape in shapes(quick):
+            sweep.bench_shape(*shape, provs)
+        sweep.save(meta, out)
+    except KeyboardInterrupt:  # `timeout -s INT` in the GPU session: keep what was measured
+        print("\ninterrupted: writing the rows measured so far")
+        sweep.save(meta, out)
+        return 130
+    finally:
+        print(f"\n{len(sweep.rows)} rows in {time.time() - started:.0f} s"
+              + (f"; results in {out}/attention.*" if sweep.rows else ""))
+        print(summary(sweep.rows, sweep.matmul_tflops))
+    return 0
+
+
+class Sweep:
+    """The rows measured so far, the providers skipped and why, and the timing settings."""
+
+    def __init__(self, dtype: str, matmul_tflops: float, warmup_ms: int, rep_ms: int):
+        self.dtype, self.torch_dtype = dtype, DTYPES[dtype]
+        self.matmul_tflops, self.warmup_ms, self.rep_ms = matmul_tflops, warmup_ms, rep_ms
+        self.rows: list[dict] = []
+        self.skipped: dict[str, str] = {}
+
+    def skip(self, what: str, why: str) -> None:
+        self.skipped[what] = why
+        print(f"skip {what}: {why}")
+
+    def bench_shape(self, case: str, B: int, H: int, L: int, D: int, causal: bool,
+                    provs: dict[str, Provider]) -> None:
+        where = f"{case} B={B} H={H} L={L} D={D}{' causal' if causal else ''}"
+        try:
+            q, k, v, grad_out = (torch.randn(B, H, L, D, device=DEVICE, dtype=self.torch_dtype)
+                                 for _ in range(4))
+        except torch.cuda.OutOfMemoryError as exc:
+            return self.skip(where, _short(exc))
+        ref = None
+        for name, p in provs.items():
+            if isinstance(p, str):
+                continue
+            if name in QUADRATIC and L > QUADRATIC_MAX_L:
+                self.skipped[f"{name} {where}"] = f"O(L^2) memory: skipped beyond L = {QUADRATIC_MAX_L}"
+                continue
+            try:
+                y = p(q, k, v, causal)
+                if ref is None:
+                    ref = y.detach()
+                err = max_rel_err(y, ref)
+                del y
+            except Exception as exc:  # unsupported shape/dtype for that backend, OOM, ...
+                self.skip(f"{name} {where}", _short(exc))
+                torch.cuda.empty_cache()
+                continue
+            if not err < 0.05:
+                print(f"WARNING: {name} {where}: forward differs from the first provider by {err:.3g}")
+            for mode in MODES:
+                if mode == "fwd" and name in BWD_ONLY:
+                    continue
+                try:
+                    call = timed_call(name, p, mode, q, k, v, causal, grad_out)
+                    call()  # compile / autotune outside the timed region
+                    p50, p20, p80 = common.time_ms(call, warmup=self.warmup_ms, rep=self.rep_ms)
+                    del call
+                except Exception as exc:
+                    self.skip(f"{name} {mode} {where}", _short(exc))
+                    torch.cuda.empty_cache()
+                    continue
+                work = flops(mode, B, H, L, L, D, causal)
+                tflops = work / (p50 * 1e-3) / 1e12
+                row = {"provider": name, "case": case, "mode": mode, "B": B, "H": H, "L": L,
+                       "D": D, "causal": causal, "dtype": self.dtype, "p50_ms": p50,
+                       "p20_ms": p20, "p80_ms": p80, "flops": work, "tflops": tflops,
+                       "pct_matmul": 100 * tflops / self.matmul_tflops, "fwd_err_vs_first": err}
+                self.rows.append(row)
+                print(f"{where:>34} {mode:>3} {name:>20}  p50 {p50:8.4f} ms  {tflops:7.1f} TFLOP/s"
+                      f"  {row['pct_matmul']:5.1f}%", flush=True)
+        del q, k, v, grad_out, ref
+        torch.cuda.empty_cache()
+
+    def save(self, meta: dict, out: Path) -> None:
+        if not self.rows:
+            return
+        common.write_results(self.rows, meta, out, "attention", extra={"skipped": self.skipped})
+        common.plot_lines(
+            [r for r in self.rows if r["case"] == "sweep"], out / "attention.png",
+            panel=lambda r: f"hd {r['D']} {'causal' if r['causal'] else 'full'} {r['mode']}",
+            series="provider", x="L", y="tflops", xlabel="sequence length (B * L = 16K tokens)",
+            ylabel="TFLOP/s", hline=self.matmul_tflops, hline_label="bf16 matmul ceiling",
+            title=f"{meta['device']} {self.dtype}, {meta['date_utc']}, git {meta['git_sha']}")
+
+
+def summary(rows: list[dict], matmul_tflops: float) -> str:
+    """TFLOP/s (% of the matmul ceiling) per shape, providers side by side, per (mode, D, causal)."""
+    blocks = []
+    names = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    keys = dict.fromkeys((r["mode"], r["D"], r["causal"]) for r in rows)
+    for mode, D, causal in keys:
+        sub = [r for r in rows if (r["mode"], r["D"], r["causal"]) == (mode, D, causal)]
+        table = []
+        for case, B, H, L in dict.fromkeys((r["case"], r["B"], r["H"], r["L"]) for r in sub):
+            line = {"case": case, "B": B, "H": H, "L": L}
+            for r in sub:
+                if (r["case"], r["B"], r["H"], r["L"]) == (case, B, H, L):
+                    line[r["provider"]] = f"{r['tflops']:.0f} ({r['pct_matmul']:.0f}%)"
+            table.append(line)
+        header = (f"{mode} hd {D} {'causal' if causal else 'full'}: TFLOP/s "
+                  f"(% of the {matmul_tflops:,.0f} TFLOP/s bf16 matmul)")
+        blocks.append(header + "\n" + common.format_table(
+            table, {"case": "case", "B": "B", "H": "H", "L": "L", **{p: p for p in names}}))
+    return "\n\n".join(blocks)
