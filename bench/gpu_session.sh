@@ -13,7 +13,8 @@
 # through the environment), a SIGINT at the cap lets the benchmarks write what they measured,
 # and the summary printed last gives every step's exit code (124/130: hit its cap).
 # What comes back from $OUT is at most 8 files, so everything is one log plus one archive:
-#   session.log, results.tar.gz (layer_norm, gelu, linear_gelu: csv, json, png; overhead: csv, json)
+#   session.log, results.tar.gz (layer_norm, gelu, linear_gelu, attention, diffusion_step,
+#   group_norm: csv, json, png; diffusion_sampler, overhead: csv, json)
 set -u -o pipefail
 
 OUT=${OUT:-./gpu_out}
@@ -73,6 +74,14 @@ RESERVE=150 step "bench ln" "${DLH_CAP_BENCH:-240}" \
 RESERVE=80 step "bench gelu" "${DLH_CAP_GELU:-100}" "${BENCH[@]}" gelu --quick --out "$OUT"
 RESERVE=20 step "bench lin+gelu" "${DLH_CAP_LINEAR_GELU:-100}" \
     "${BENCH[@]}" linear_gelu --quick --out "$OUT"
+# attention: its first calls autotune (a few configs per kernel, head dim and causal flag)
+RESERVE=20 step "bench attention" "${DLH_CAP_ATTENTION:-150}" \
+    "${BENCH[@]}" attention --quick --out "$OUT"
+# diffusion: the step alone, then whole sampling loops with a small U-Net (eager and graphed)
+RESERVE=20 step "bench diffusion" "${DLH_CAP_DIFFUSION:-90}" \
+    "${BENCH[@]}" diffusion --quick --out "$OUT"
+RESERVE=20 step "bench gn" "${DLH_CAP_GROUP_NORM:-90}" \
+    "${BENCH[@]}" group_norm --quick --out "$OUT"
 step "bench overhead" "${DLH_CAP_OVERHEAD:-60}" "${BENCH[@]}" overhead --out "$OUT"
 
 # Everything but the log into one archive: more than 8 files would not all come back.

@@ -143,3 +143,32 @@ def explain_choice(device_type: str, supports: Capability,
     order = auto_order if device_type == "cuda" else ("torch",)
     verdict["auto"] = next((f"picks {b}" for b in order if verdict[b] == "ok"), "picks torch")
     return verdict
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic kernels: ops whose fastest kernel sums in an order that varies between runs
+# (atomics) switch to a fixed-order one when this is on, or when torch's own switch is.
+
+_deterministic = False
+
+
+class deterministic:
+    """``dlh.deterministic(True)``: bitwise-repeatable backward kernels from now on (also
+    ``torch.use_deterministic_algorithms(True)``). As a context manager, restores on exit:
+    ``with dlh.deterministic(True): ...``."""
+
+    def __init__(self, on: bool = True):
+        global _deterministic
+        self._previous = _deterministic
+        _deterministic = bool(on)
+
+    def __enter__(self) -> "deterministic":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _deterministic
+        _deterministic = self._previous
+
+
+def is_deterministic() -> bool:
+    return _deterministic or torch.are_deterministic_algorithms_enabled()

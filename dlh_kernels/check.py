@@ -67,6 +67,58 @@ def _run_gelu(op: str, case, dtype, backend: str, device):
     return _errors(out, DF.linear_gelu(x, w, backend="torch"), gelus.linear_gelu_reference(x.double(), w.double()))
 
 
+def _run_attention(op: str, case, dtype, backend: str, device):
+    from . import functional as DF
+    from .ops.attention import attention_reference
+    (B, H, L, D), S, causal = case
+    g = _generator()
+    q, k, v = (torch.randn(B, H, n, D, generator=g).to(dtype) for n in (L, S, S))
+    out = DF.scaled_dot_product_attention(q.to(device), k.to(device), v.to(device),
+                                          is_causal=causal, backend=backend)
+    eager = DF.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="torch")
+    ref = attention_reference(q.double(), k.double(), v.double(), is_causal=causal)
+    return _errors(out, eager, ref)
+
+
+def _run_group_norm(op: str, case, dtype, backend: str, device):
+    from . import functional as DF
+    from .ops.group_norm import group_norm_reference
+    shape, groups, channels_last = case
+    g = _generator()
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = (torch.randn(shape[1], generator=g) * 0.5 + 1).to(dtype)
+    b = (torch.randn(shape[1], generator=g) * 0.5).to(dtype)
+    out = DF.group_norm(x.to(device), groups, w.to(device), b.to(device), activation="silu", backend=backend)
+    eager = DF.group_norm(x, groups, w, b, activation="silu", backend="torch")
+    ref = group_norm_reference(x.double(), groups, w.double(), b.double(), 1e-5, "silu")
+    return _errors(out, eager, ref)
+
+
+def _run_diffusion_step(op: str, case, dtype, backend: str, device):
+    from . import functional as DF
+    from .diffusion import linear_alphas_cumprod, schedule
+    from .ops.diffusion_step import diffusion_step_reference
+    shape, kind = case
+    g = _generator()
+    x, m, u, z = (torch.randn(shape, generator=g).to(dtype) for _ in range(4))
+    table = linear_alphas_cumprod(1000)
+    t, prev = schedule("ddim", 50)[10]
+    kw = dict(method="ddpm") if kind == "ddpm" else dict(method="ddim", eta=1.0, guidance_scale=7.5)
+    w = kw.get("guidance_scale")
+
+    def run(xx, mm, uu, zz, tab, be):
+        return DF.diffusion_step(xx, mm, t, prev, tab, noise=zz, uncond_output=uu if w else None,
+                                 backend=be, **kw)
+    out = run(x.to(device), m.to(device), u.to(device), z.to(device), table.to(device), backend)
+    d = torch.float64
+    ref = diffusion_step_reference(x.to(d), m.to(d), t, prev, table.to(d), noise=z.to(d),
+                                   uncond_output=u.to(d) if w else None, **kw)
+    eager = diffusion_step_reference(x, m, t, prev, table, noise=z, uncond_output=u if w else None, **kw)
+    return _errors(out, eager, ref)
+
+
 _CHECKS = {
     "layer_norm": (_run_norm, _NORM_CASES, [((4, 131072), (131072,))]),
     "rms_norm": (_run_norm, _NORM_CASES, [((4, 131072), (131072,))]),
@@ -75,6 +127,17 @@ _CHECKS = {
     "gelu": (_run_gelu, [((17, 1000),)], [((4096, 3072),)]),
     "geglu": (_run_gelu, [((17, 1000),)], [((4096, 6144),)]),
     "linear_gelu": (_run_gelu, [((17, 96),)], [((4096, 1024),)]),
+    # ((B, H, L, D), S, is_causal): ragged lengths, head dims 40 and 80 (not powers of two)
+    "scaled_dot_product_attention": (_run_attention, [((2, 2, 37, 40), 45, False), ((1, 2, 33, 80), 21, True)],
+                                     [((4, 16, 1024, 64), 1024, True), ((2, 8, 2048, 128), 2048, False)]),
+    # ((N, C, H, W), groups, channels_last), GroupNorm + SiLU of a U-Net block: odd spatial sizes
+    # on CPU; on GPU fused-path groups (Cg = 8 at 32x32) and split-path ones (Cg = 16 at 64x64)
+    "group_norm": (_run_group_norm, [((2, 64, 9, 7), 32, False), ((2, 64, 5, 3), 16, True)],
+                   [((8, 256, 32, 32), 32, False), ((4, 512, 64, 64), 32, False),
+                    ((4, 512, 64, 64), 32, True)]),
+    # (shape, kind): DDPM with noise; DDIM eta = 1 with guidance 7.5; noise given (the same for all)
+    "diffusion_step": (_run_diffusion_step, [((2, 4, 9, 7), "ddpm"), ((2, 4, 9, 7), "ddim-cfg")],
+                       [((8, 4, 64, 64), "ddim-cfg")]),
 }
 
 
@@ -116,20 +179,20 @@ def run_check(ops: Optional[Sequence[str]] = None, backends: Optional[Sequence[s
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'op':16} {'backend':8} {'dtype':9} {'shape':16} {'max err':>10} {'eager err':>10}  result"]
+    lines = [f"{'op':28} {'backend':8} {'dtype':9} {'shape':16} {'max err':>10} {'eager err':>10}  result"]
     said = set()
     for r in rows:
         if r["ok"] is None:  # cannot run here: one line per reason
             if (r["backend"], r["note"]) not in said:
                 said.add((r["backend"], r["note"]))
                 what = r["op"] if r.get("op_only") else "*"
-                lines.append(f"{what:16} {r['backend']:8} skipped: {r['note']}")
+                lines.append(f"{what:28} {r['backend']:8} skipped: {r['note']}")
             continue
         err = "-" if r["max_abs_err"] is None else f"{r['max_abs_err']:.2e}"
         ref = "-" if r["ref_err"] is None else f"{r['ref_err']:.2e}"
         verdict = {True: "ok", False: "FAIL", None: "skipped"}[r["ok"]]
         note = f" ({r['note']})" if r.get("note") else ""
-        lines.append(f"{r['op']:16} {r['backend']:8} {r['dtype']:9} {str(r['shape']):16} "
+        lines.append(f"{r['op']:28} {r['backend']:8} {r['dtype']:9} {str(r['shape']):16} "
                      f"{err:>10} {ref:>10}  {verdict}{note}")
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import functional as DF
 
@@ -28,6 +29,28 @@ class RMSNorm(torch.nn.RMSNorm):
         return DF.rms_norm(x, self.normalized_shape, self.weight, self.eps, backend=self.backend)
 
 
+class GroupNorm(torch.nn.GroupNorm):
+    """`torch.nn.GroupNorm` on dlh kernels. ``activation="silu"`` (keyword-only, not part of the
+    state_dict) fuses the SiLU that follows the norm in a U-Net block into the same kernel."""
+    backend: Optional[str] = None
+    activation: Optional[str] = None
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 device=None, dtype=None, *, activation: Optional[str] = None):
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+        if activation not in (None, "silu"):
+            raise ValueError(f"dlh.nn.GroupNorm: activation must be None or 'silu', got {activation!r}")
+        self.activation = activation
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return DF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
+                             activation=self.activation, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        extra = f", activation={self.activation!r}" if self.activation else ""
+        return super().extra_repr() + extra
+
+
 
 class GELU(torch.nn.GELU):
     backend: Optional[str] = None
@@ -36,4 +59,85 @@ class GELU(torch.nn.GELU):
         return DF.gelu(input, self.approximate, backend=self.backend)
 
 
-__all__ = ["LayerNorm", "RMSNorm", "GELU"]
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """`torch.nn.MultiheadAttention` whose attention runs through
+    `dlh_kernels.functional.scaled_dot_product_attention` (same parameters, same state_dict,
+    batch_first either way, key_padding_mask, attn_mask, is_causal, dropout in training).
+
+    Only ``need_weights=False`` runs our kernel. ``need_weights=True`` (torch's default) needs the
+    full (L, S) attention matrix, which a fused kernel never forms, so it falls back to torch's
+    implementation, as do ``add_bias_kv`` and ``add_zero_attn``. Pass ``need_weights=False`` to
+    get the fused path.
+    """
+    backend: Optional[str] = None
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        if need_weights or self.bias_k is not None or self.add_zero_attn:
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
+        batched = query.dim() == 3
+        if not batched:  # (L, E): one sequence
+            query, key, value = (x.unsqueeze(0 if self.batch_first else 1) for x in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        bdim = 0 if self.batch_first else 1
+        N, L, S = query.shape[bdim], query.shape[1 - bdim], key.shape[1 - bdim]
+        E, H = self.embed_dim, self.num_heads
+
+        if self._qkv_same_embed_dim:
+            if query is key and key is value:  # self-attention: one matmul
+                q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
+            else:
+                w = self.in_proj_weight.chunk(3)
+                b = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
+                q, k, v = (F.linear(x, wi, bi) for x, wi, bi in zip((query, key, value), w, b))
+        else:
+            b = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
+            q, k, v = (F.linear(x, wi, bi) for x, wi, bi in zip(
+                (query, key, value), (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight), b))
+
+        def heads(t, n):  # (N, n, E) or (n, N, E) -> (N, H, n, E / H), a view
+            t = t.unflatten(-1, (H, E // H))
+            return t.permute(0, 2, 1, 3) if self.batch_first else t.permute(1, 2, 0, 3)
+
+        mask, causal = self._sdpa_mask(key_padding_mask, attn_mask, is_causal, N, L, S, query.dtype)
+        out = DF.scaled_dot_product_attention(
+            heads(q, L), heads(k, S), heads(v, S), mask, self.dropout if self.training else 0.0,
+            causal, backend=self.backend)                                  # (N, H, L, E / H)
+        out = out.permute(0, 2, 1, 3) if self.batch_first else out.permute(2, 0, 1, 3)
+        out = F.linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias)
+        if not batched:
+            out = out.squeeze(0 if self.batch_first else 1)
+        return out, None
+
+    def _sdpa_mask(self, key_padding_mask, attn_mask, is_causal, N, L, S, dtype):
+        """torch's MHA masks (True = masked out, or additive; attn_mask (L, S) or (N*H, L, S),
+        key_padding_mask (N, S)) as one SDPA mask (True = attends) broadcast to (N, H, L, S)."""
+        if is_causal and attn_mask is None:
+            raise RuntimeError("dlh.nn.MultiheadAttention: is_causal=True needs attn_mask (the "
+                               "causal mask), as torch's MultiheadAttention does")
+        if is_causal and key_padding_mask is None:
+            return None, True  # the hint: attn_mask is the causal mask
+        masks = []
+        if attn_mask is not None:
+            masks.append(attn_mask if attn_mask.dim() == 2 else attn_mask.view(N, self.num_heads, L, S))
+        if key_padding_mask is not None:
+            masks.append(key_padding_mask.view(N, 1, 1, S))
+        if not masks:
+            return None, False
+        if all(m.dtype == torch.bool for m in masks):
+            allowed = ~masks[0]
+            for m in masks[1:]:
+                allowed = allowed & ~m
+            return allowed, False
+        added = None
+        for m in masks:
+            m = torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m
+            added = m if added is None else added + m
+        return added, False
+
+
+__all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "GELU", "MultiheadAttention"]

@@ -21,9 +21,13 @@ _SWAPS = {
     torch.nn.LayerNorm: ("layer_norm", dnn.LayerNorm),
     torch.nn.RMSNorm: ("rms_norm", dnn.RMSNorm),
     torch.nn.GELU: ("gelu", dnn.GELU),
+    torch.nn.GroupNorm: ("group_norm", dnn.GroupNorm),
+    # need_weights=True (torch's default) falls back to torch inside; nn.TransformerEncoderLayer
+    # and most models call it with need_weights=False, which runs our kernel
+    torch.nn.MultiheadAttention: ("scaled_dot_product_attention", dnn.MultiheadAttention),
 }
 # Modules later issues will cover: reported as left, with the reason.
-_NOT_YET = (torch.nn.GroupNorm, torch.nn.Conv2d, torch.nn.MultiheadAttention)
+_NOT_YET = (torch.nn.Conv2d,)
 
 
 @dataclass

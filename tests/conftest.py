@@ -14,7 +14,26 @@ import pytest  # noqa: E402
 HAS_GPU = torch.cuda.is_available()
 
 
+def _interpreter_numpy_problem():
+    """Triton 3.6's interpreter calls int() on 1-element numpy arrays, an error since numpy 2.3:
+    every kernel with a runtime loop bound fails (seen with 3.6 and numpy 2.4; 3.9 is fine;
+    3.7/3.8 untested, so treated like 3.6). Say it once, up front."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    import numpy
+    import triton
+    tv = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    nv = tuple(int(p) for p in numpy.__version__.split(".")[:2])
+    if tv < (3, 9) and nv >= (2, 3):
+        return (f"the Triton {triton.__version__} interpreter does not work with numpy "
+                f"{numpy.__version__}: pip install 'numpy<2.3', or use Triton >= 3.9")
+    return None
+
+
 def pytest_configure(config):
+    problem = _interpreter_numpy_problem()
+    if problem:
+        raise pytest.UsageError(problem)
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped cleanly without one)")
 
 

@@ -118,7 +118,7 @@ class _Block(torch.nn.Module):
         self.ln = torch.nn.LayerNorm(d)
         self.proj = torch.nn.Linear(d, d)
         self.inner = torch.nn.Sequential(torch.nn.RMSNorm(d), torch.nn.GELU())
-        self.gn = torch.nn.GroupNorm(2, d)  # no dlh kernel yet: reported as left (unused here)
+        self.conv = torch.nn.Conv2d(d, d, 1)  # no dlh kernel yet: reported as left (unused here)
 
     def forward(self, x):
         return self.inner(self.proj(self.ln(x)))
@@ -147,7 +147,7 @@ def test_patch_swaps_reports_and_unpatches():
     assert type(model.ln) is dlh.nn.LayerNorm and type(model.inner[0]) is dlh.nn.RMSNorm
     assert type(model.inner[1]) is dlh.nn.GELU
     assert [r[0] for r in report.replaced] == ["ln", "inner.0", "inner.1"]
-    assert ("gn", "GroupNorm", "no dlh kernel for it yet") in report.left
+    assert ("conv", "Conv2d", "no dlh kernel for it yet") in report.left
     assert "replaced 3 module(s)" in str(report)
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
@@ -171,3 +171,21 @@ def test_patch_ops_filter_and_bad_arguments():
         dlh.patch(model, backend="fastest")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         dlh.patch([model])
+
+
+def test_patch_transformer_layer_swaps_attention_and_norms():
+    # nn.TransformerEncoderLayer calls its attention with need_weights=False: our kernel path.
+    # Training mode (dropout 0) keeps torch off its fused fast path, which would bypass modules.
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    x = torch.randn(2, 5, 32)
+    before = layer(x)
+    report = dlh.patch(layer, backend="triton")
+    assert type(layer.self_attn) is dlh.nn.MultiheadAttention
+    assert {r[0] for r in report.replaced} == {"self_attn", "norm1", "norm2"}
+    after = layer(x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    after.sum().backward()
+    assert layer.self_attn.in_proj_weight.grad is not None
+    dlh.unpatch(layer)
+    assert type(layer.self_attn) is torch.nn.MultiheadAttention
