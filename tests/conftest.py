@@ -30,6 +30,31 @@ def _interpreter_numpy_problem():
     return None
 
 
+DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def backend_param(name: str, no_kernel: str = ""):
+    """A pytest parameter for one backend, skipped (with the reason) where it cannot run here.
+    no_kernel: why this op has no kernel on that backend (skipped everywhere)."""
+    if no_kernel:
+        return pytest.param(name, marks=pytest.mark.skip(reason=no_kernel))
+    import dlh_kernels as dlh
+    reason = dlh.backends()[name] if DEVICE.type == "cuda" else (
+        "available" if name != "cuda" else "the cuda backend needs CUDA tensors")
+    return pytest.param(name, marks=pytest.mark.skipif(reason != "available", reason=reason))
+
+
+@pytest.fixture
+def poison_outputs():
+    """Every kernel output starts as NaN: an element a kernel does not write fails the test.
+    Op test modules turn it on for all their tests (pytestmark)."""
+    from dlh_kernels import _alloc
+    _alloc.set_poison(True)
+    yield
+    _alloc.set_poison(False)
+
+
 def pytest_configure(config):
     problem = _interpreter_numpy_problem()
     if problem:

@@ -18,14 +18,11 @@ import torch.nn.functional as F
 
 import dlh_kernels as dlh
 import dlh_kernels.functional as DF
-from dlh_kernels import _alloc
 from dlh_kernels.ops import attention as attn
 from dlh_kernels.triton_kernels import attention as kernels
 
-from conftest import FLOOR, HAS_GPU, scaled_error
+from conftest import DEVICE, FLOOR, HAS_GPU, backend_param, scaled_error
 
-DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # Attention's tolerance: error <= FACTOR x the error of eager attention in the same dtype + FLOOR.
 # The eager baseline is attention written out in the input dtype (scores, softmax and both
@@ -48,22 +45,10 @@ def assert_close(out, ref, eager, dtype, what="output"):
     assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g} (eager {dtype} error {base:.3g})"
 
 
-def _backend_param(name):
-    if name == "cuda":
-        return pytest.param(name, marks=pytest.mark.skip(reason="no CUDA C++ attention kernel yet"))
-    reason = dlh.backends()[name] if DEVICE.type == "cuda" else "available"
-    return pytest.param(name, marks=pytest.mark.skipif(reason != "available", reason=reason))
+BACKENDS = [backend_param(b) for b in ("torch", "triton")]  # no CUDA C++ attention kernel yet
 
 
-BACKENDS = [_backend_param(b) for b in ("torch", "triton")]
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    """Every kernel output starts as NaN: an element a kernel does not write fails the test."""
-    _alloc.set_poison(True)
-    yield
-    _alloc.set_poison(False)
+pytestmark = pytest.mark.usefixtures("poison_outputs")  # NaN-filled outputs: unwritten elements fail
 
 
 @pytest.fixture

@@ -24,10 +24,8 @@ from dlh_kernels import _alloc
 from dlh_kernels import diffusion
 from dlh_kernels.ops import diffusion_step as D
 
-from conftest import HAS_GPU, assert_close, scaled_error
+from conftest import DEVICE, DTYPES, assert_close, backend_param, scaled_error
 
-DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 T_TRAIN, STEPS = 1000, 50
 NOISE_SEED = 1234
 
@@ -41,22 +39,11 @@ except ImportError:  # the test extra brings it; without it the reference stands
 needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed (pip install -e .[test])")
 
 
-def _backend_param(name):
-    reason = dlh.backends()[name] if DEVICE.type == "cuda" else (
-        "available" if name != "cuda" else "the cuda backend needs CUDA tensors")
-    return pytest.param(name, marks=pytest.mark.skipif(reason != "available", reason=reason))
+BACKENDS = [backend_param(b) for b in ("torch", "triton", "cuda")]
+KERNEL_BACKENDS = [backend_param(b) for b in ("triton", "cuda")]
 
 
-BACKENDS = [_backend_param(b) for b in ("torch", "triton", "cuda")]
-KERNEL_BACKENDS = [_backend_param(b) for b in ("triton", "cuda")]
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    """Every kernel output starts as NaN: an element a kernel does not write fails the test."""
-    _alloc.set_poison(True)
-    yield
-    _alloc.set_poison(False)
+pytestmark = pytest.mark.usefixtures("poison_outputs")  # NaN-filled outputs: unwritten elements fail
 
 
 def _table(dtype=torch.float32):

@@ -10,34 +10,19 @@ import torch.nn.functional as F
 
 import dlh_kernels as dlh
 import dlh_kernels.functional as DF
-from dlh_kernels import _alloc
 from dlh_kernels.ops import gelu as gelus
 
-from conftest import HAS_GPU, assert_close
-
-DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+from conftest import DEVICE, DTYPES, assert_close, backend_param
 
 
-def _backend_param(name, op="gelu"):
-    if name == "cuda" and op == "linear_gelu":
-        return pytest.param(name, marks=pytest.mark.skip(reason="linear_gelu has no CUDA C++ kernel yet"))
-    reason = dlh.backends()[name] if DEVICE.type == "cuda" else (
-        "available" if name != "cuda" else "the cuda backend needs CUDA tensors")
-    return pytest.param(name, marks=pytest.mark.skipif(reason != "available", reason=reason))
+
+BACKENDS = [backend_param(b) for b in ("torch", "triton", "cuda")]
+KERNEL_BACKENDS = [backend_param(b) for b in ("triton", "cuda")]
+LINEAR_BACKENDS = [backend_param("torch"), backend_param("triton"),
+                   backend_param("cuda", no_kernel="linear_gelu has no CUDA C++ kernel yet")]
 
 
-BACKENDS = [_backend_param(b) for b in ("torch", "triton", "cuda")]
-KERNEL_BACKENDS = [_backend_param(b) for b in ("triton", "cuda")]
-LINEAR_BACKENDS = [_backend_param(b, "linear_gelu") for b in ("torch", "triton", "cuda")]
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    """Every kernel output starts as NaN: an element a kernel does not write fails the test."""
-    _alloc.set_poison(True)
-    yield
-    _alloc.set_poison(False)
+pytestmark = pytest.mark.usefixtures("poison_outputs")  # NaN-filled outputs: unwritten elements fail
 
 
 def _rand(shape, g, scale=2.0, offset=0.3):

@@ -11,33 +11,19 @@ import torch.nn.functional as F
 
 import dlh_kernels as dlh
 import dlh_kernels.functional as DF
-from dlh_kernels import _alloc
 from dlh_kernels.ops import group_norm as gn
 from dlh_kernels.triton_kernels import group_norm as triton_gn
 
-from conftest import HAS_GPU, assert_close
+from conftest import DEVICE, HAS_GPU, assert_close, backend_param
 
-DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTIVATIONS = [None, "silu"]
 
 
-def _backend_param(name):
-    reason = dlh.backends()[name] if DEVICE.type == "cuda" else (
-        "available" if name != "cuda" else "the cuda backend needs CUDA tensors")
-    return pytest.param(name, marks=pytest.mark.skipif(reason != "available", reason=reason))
+BACKENDS = [backend_param(b) for b in ("torch", "triton", "cuda")]
+KERNEL_BACKENDS = [backend_param(b) for b in ("triton", "cuda")]
 
 
-BACKENDS = [_backend_param(b) for b in ("torch", "triton", "cuda")]
-KERNEL_BACKENDS = [_backend_param(b) for b in ("triton", "cuda")]
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    """Every kernel output starts as NaN: an element a kernel does not write fails the test."""
-    _alloc.set_poison(True)
-    yield
-    _alloc.set_poison(False)
+pytestmark = pytest.mark.usefixtures("poison_outputs")  # NaN-filled outputs: unwritten elements fail
 
 
 # ---------------------------------------------------------------------------------------------

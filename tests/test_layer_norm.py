@@ -4,41 +4,24 @@ float64 reference computed from the same rounded inputs, forward and every gradi
 Without a GPU: `torch` and `triton` (interpreter) on CPU tensors. With one: all three backends
 on CUDA tensors, plus the GPU-only tests at the bottom.
 """
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-import dlh_kernels as dlh
 import dlh_kernels.functional as DF
-from dlh_kernels import _alloc
 from dlh_kernels.ops import layer_norm as norms
 from dlh_kernels.triton_kernels import layer_norm as triton_norms
 
-from conftest import HAS_GPU, assert_close
+from conftest import DEVICE, DTYPES, HAS_GPU, assert_close, backend_param
 
-DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 OPS = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
 
 
-def _backend_param(name):
-    reason = dlh.backends()[name] if DEVICE.type == "cuda" else (
-        "available" if name != "cuda" else "the cuda backend needs CUDA tensors")
-    return pytest.param(name, marks=pytest.mark.skipif(reason != "available", reason=reason))
+BACKENDS = [backend_param(b) for b in ("torch", "triton", "cuda")]
+KERNEL_BACKENDS = [backend_param(b) for b in ("triton", "cuda")]
 
 
-BACKENDS = [_backend_param(b) for b in ("torch", "triton", "cuda")]
-KERNEL_BACKENDS = [_backend_param(b) for b in ("triton", "cuda")]
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    """Every kernel output starts as NaN: an element a kernel does not write fails the test."""
-    _alloc.set_poison(True)
-    yield
-    _alloc.set_poison(False)
+pytestmark = pytest.mark.usefixtures("poison_outputs")  # NaN-filled outputs: unwritten elements fail
 
 
 # ---------------------------------------------------------------------------------------------
