@@ -21,7 +21,6 @@ and H = 2048 / D heads (FlashAttention's benchmark shapes); the O(L^2)-memory pr
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -29,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from . import common
-from .layer_norm import DTYPES
 
+DTYPES = common.DTYPES
 PROVIDERS = ("dlh-triton", "dlh-triton-atomic-dq", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
              "sdpa-math", "torch.compile")
 BWD_ONLY = {"dlh-triton-atomic-dq"}
@@ -67,14 +66,9 @@ def flops(mode: str, B: int, H: int, L: int, S: int, D: int, causal: bool) -> fl
 # Providers
 
 def _dlh(atomic_dq: bool = False) -> Provider:
-    try:
-        import dlh_kernels as dlh
-        import dlh_kernels.functional as DF
-    except Exception as exc:
-        return f"dlh_kernels.functional is not importable ({_short(exc)})"
-    status = dlh.backends().get("triton", "unknown backend")
-    if status != "available":
-        return status
+    DF = common.dlh_functional("triton")
+    if isinstance(DF, str):
+        return DF
 
     def run(q, k, v, causal):
         return DF.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="triton")
@@ -104,7 +98,7 @@ def _sdpa(name: str) -> Provider:
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError as exc:
-        return f"torch.nn.attention is not importable ({_short(exc)})"
+        return f"torch.nn.attention is not importable ({common.short_error(exc)})"
     backend = getattr(SDPBackend, name, None)
     if backend is None:
         return f"this torch has no SDPBackend.{name}"
@@ -147,11 +141,6 @@ def providers() -> dict[str, Provider]:
     }
 
 
-def _short(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {msg[0] if msg else ''}"[:160]
-
-
 # ---------------------------------------------------------------------------------------------
 # Timed calls
 
@@ -166,54 +155,30 @@ def timed_call(name: str, fn: Callable, mode: str, q, k, v, causal: bool, grad_o
     return lambda: torch.autograd.grad(out, (qg, kg, vg), grad_out, retain_graph=True)
 
 
-def max_rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest |y - ref| / (1 + |ref|): about one bf16 ulp between correct kernels."""
-    return ((y.float() - ref.float()).abs() / (1 + ref.float().abs())).max().item()
+max_rel_err = common.max_rel_err  # largest |y - ref| / (1 + |ref|): about one bf16 ulp
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 
 def run(*, quick: bool = False, dtype: str = "bf16", out: Optional[Path] = None) -> int:
-    print("measuring the ceilings (1 GiB device copy, bf16 8192^3 matmul) ...", flush=True)
-    ceilings = common.measure_ceilings()
-    meta = common.run_metadata(ceilings)
-    print(f"{meta['device']}: copy {ceilings['copy_gbps']:,.0f} GB/s, "
-          f"bf16 matmul {ceilings['matmul_bf16_tflops']:,.0f} TFLOP/s\n", flush=True)
-    out = out or common.default_out_dir()
-    sweep = Sweep(dtype, ceilings["matmul_bf16_tflops"], *((10, 40) if quick else (25, 100)))
-    started = time.time()
-    provs = providers()
-    for name, p in provs.items():
-        if isinstance(p, str):
-            sweep.skip(name, p)
-    try:
+    def body(sweep: Sweep, save: Callable[[], None]) -> None:
+        provs = providers()
+        for name, p in provs.items():
+            if isinstance(p, str):
+                sweep.skip(name, p)
         for shape in shapes(quick):
             sweep.bench_shape(*shape, provs)
-        sweep.save(meta, out)
-    except KeyboardInterrupt:  # `timeout -s INT` in the GPU session: keep what was measured
-        print("\ninterrupted: writing the rows measured so far")
-        sweep.save(meta, out)
-        return 130
-    finally:
-        print(f"\n{len(sweep.rows)} rows in {time.time() - started:.0f} s"
-              + (f"; results in {out}/attention.*" if sweep.rows else ""))
-        print(summary(sweep.rows, sweep.matmul_tflops))
-    return 0
+        save()
+
+    return common.run_sweep(lambda ceilings, *timing: Sweep(dtype, ceilings["matmul_bf16_tflops"], *timing),
+                            body, lambda sweep: summary(sweep.rows, sweep.matmul_tflops), quick=quick, out=out)
 
 
-class Sweep:
+class Sweep(common.MatmulSweep):
     """The rows measured so far, the providers skipped and why, and the timing settings."""
 
-    def __init__(self, dtype: str, matmul_tflops: float, warmup_ms: int, rep_ms: int):
-        self.dtype, self.torch_dtype = dtype, DTYPES[dtype]
-        self.matmul_tflops, self.warmup_ms, self.rep_ms = matmul_tflops, warmup_ms, rep_ms
-        self.rows: list[dict] = []
-        self.skipped: dict[str, str] = {}
-
-    def skip(self, what: str, why: str) -> None:
-        self.skipped[what] = why
-        print(f"skip {what}: {why}")
+    name = "attention"
 
     def bench_shape(self, case: str, B: int, H: int, L: int, D: int, causal: bool,
                     provs: dict[str, Provider]) -> None:
@@ -222,11 +187,9 @@ class Sweep:
             q, k, v, grad_out = (torch.randn(B, H, L, D, device=DEVICE, dtype=self.torch_dtype)
                                  for _ in range(4))
         except torch.cuda.OutOfMemoryError as exc:
-            return self.skip(where, _short(exc))
+            return self.skip(where, common.short_error(exc))
         ref = None
-        for name, p in provs.items():
-            if isinstance(p, str):
-                continue
+        for name, p in common.runnable(provs):
             if name in QUADRATIC and L > QUADRATIC_MAX_L:
                 self.skipped[f"{name} {where}"] = f"O(L^2) memory: skipped beyond L = {QUADRATIC_MAX_L}"
                 continue
@@ -237,7 +200,7 @@ class Sweep:
                 err = max_rel_err(y, ref)
                 del y
             except Exception as exc:  # unsupported shape/dtype for that backend, OOM, ...
-                self.skip(f"{name} {where}", _short(exc))
+                self.skip(f"{name} {where}", common.short_error(exc))
                 torch.cuda.empty_cache()
                 continue
             if not err < 0.05:
@@ -248,34 +211,28 @@ class Sweep:
                 try:
                     call = timed_call(name, p, mode, q, k, v, causal, grad_out)
                     call()  # compile / autotune outside the timed region
-                    p50, p20, p80 = common.time_ms(call, warmup=self.warmup_ms, rep=self.rep_ms)
+                    times = self.time(call)
                     del call
                 except Exception as exc:
-                    self.skip(f"{name} {mode} {where}", _short(exc))
+                    self.skip(f"{name} {mode} {where}", common.short_error(exc))
                     torch.cuda.empty_cache()
                     continue
-                work = flops(mode, B, H, L, L, D, causal)
-                tflops = work / (p50 * 1e-3) / 1e12
                 row = {"provider": name, "case": case, "mode": mode, "B": B, "H": H, "L": L,
-                       "D": D, "causal": causal, "dtype": self.dtype, "p50_ms": p50,
-                       "p20_ms": p20, "p80_ms": p80, "flops": work, "tflops": tflops,
-                       "pct_matmul": 100 * tflops / self.matmul_tflops, "fwd_err_vs_first": err}
+                       "D": D, "causal": causal, "dtype": self.dtype,
+                       **self.rate(times, flops(mode, B, H, L, L, D, causal)), "fwd_err_vs_first": err}
                 self.rows.append(row)
-                print(f"{where:>34} {mode:>3} {name:>20}  p50 {p50:8.4f} ms  {tflops:7.1f} TFLOP/s"
+                print(f"{where:>34} {mode:>3} {name:>20}  p50 {row['p50_ms']:8.4f} ms  {row['tflops']:7.1f} TFLOP/s"
                       f"  {row['pct_matmul']:5.1f}%", flush=True)
         del q, k, v, grad_out, ref
         torch.cuda.empty_cache()
 
-    def save(self, meta: dict, out: Path) -> None:
-        if not self.rows:
-            return
-        common.write_results(self.rows, meta, out, "attention", extra={"skipped": self.skipped})
+    def plot(self, meta: dict, out: Path) -> None:
         common.plot_lines(
             [r for r in self.rows if r["case"] == "sweep"], out / "attention.png",
             panel=lambda r: f"hd {r['D']} {'causal' if r['causal'] else 'full'} {r['mode']}",
             series="provider", x="L", y="tflops", xlabel="sequence length (B * L = 16K tokens)",
             ylabel="TFLOP/s", hline=self.matmul_tflops, hline_label="bf16 matmul ceiling",
-            title=f"{meta['device']} {self.dtype}, {meta['date_utc']}, git {meta['git_sha']}")
+            title=self.title(meta))
 
 
 def summary(rows: list[dict], matmul_tflops: float) -> str:
@@ -285,13 +242,8 @@ def summary(rows: list[dict], matmul_tflops: float) -> str:
     keys = dict.fromkeys((r["mode"], r["D"], r["causal"]) for r in rows)
     for mode, D, causal in keys:
         sub = [r for r in rows if (r["mode"], r["D"], r["causal"]) == (mode, D, causal)]
-        table = []
-        for case, B, H, L in dict.fromkeys((r["case"], r["B"], r["H"], r["L"]) for r in sub):
-            line = {"case": case, "B": B, "H": H, "L": L}
-            for r in sub:
-                if (r["case"], r["B"], r["H"], r["L"]) == (case, B, H, L):
-                    line[r["provider"]] = f"{r['tflops']:.0f} ({r['pct_matmul']:.0f}%)"
-            table.append(line)
+        table = common.side_by_side(sub, ("case", "B", "H", "L"),
+                                    lambda r: f"{r['tflops']:.0f} ({r['pct_matmul']:.0f}%)")
         header = (f"{mode} hd {D} {'causal' if causal else 'full'}: TFLOP/s "
                   f"(% of the {matmul_tflops:,.0f} TFLOP/s bf16 matmul)")
         blocks.append(header + "\n" + common.format_table(

@@ -462,6 +462,50 @@ class CopySweep(Sweep):
         super().__init__(dtype, warmup_ms, rep_ms)
         self.copy_gbps = copy_gbps
 
+    def rate(self, times: tuple[float, float, float], nbytes: int) -> dict:
+        """A row's timing columns: p50/p20/p80 ms of ``times``, the bytes moved ``nbytes``, GB/s
+        at p50 and that as a % of the copy ceiling."""
+        p50, p20, p80 = times
+        gbps = nbytes / (p50 * 1e-3) / 1e9
+        return {"p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "bytes": nbytes, "gbps": gbps,
+                "pct_copy": 100 * gbps / self.copy_gbps}
+
+
+class MatmulSweep(Sweep):
+    """The Sweep of a compute-bound benchmark: its rows' TFLOP/s are held to ``matmul_tflops``."""
+
+    def __init__(self, dtype: str, matmul_tflops: float, warmup_ms: int, rep_ms: int):
+        super().__init__(dtype, warmup_ms, rep_ms)
+        self.matmul_tflops = matmul_tflops
+
+    def rate(self, times: tuple[float, float, float], work: float) -> dict:
+        """A row's timing columns: p50/p20/p80 ms of ``times``, the FLOPs ``work``, TFLOP/s at
+        p50 and that as a % of the matmul ceiling."""
+        p50, p20, p80 = times
+        tflops = work / (p50 * 1e-3) / 1e12
+        return {"p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "flops": work, "tflops": tflops,
+                "pct_matmul": 100 * tflops / self.matmul_tflops}
+
+
+def copy_launches(nbytes: list[int], device: str = "cuda") -> tuple[Callable[[], object], list]:
+    """Device copies moving ``nbytes[i]`` bytes in launch i (a copy reads n / 2 and writes n / 2),
+    each from its own region of a rotating source, as an op's kernels read their own tensors:
+    the per-shape ceiling of a memory-bound op. The call, and the buffers it holds (the sources,
+    then the destination)."""
+    halves = [n // 2 for n in nbytes]
+    size = sum(halves)
+    srcs = [torch.empty(size, dtype=torch.uint8, device=device).random_()  # never copy zeros
+            for _ in range(rotation_count(size))]
+    dst = torch.empty(max(halves), dtype=torch.uint8, device=device)
+
+    def copies(src):
+        start = 0
+        for n in halves:
+            dst[:n].copy_(src[start:start + n])
+            start += n
+
+    return rotating(copies, [(s,) for s in srcs]), srcs + [dst]
+
 
 def runnable(provs: dict[str, Union[object, str]]) -> Iterable[tuple[str, object]]:
     """(name, provider) of each provider that can run here: not a reason why not (a str)."""

@@ -336,7 +336,7 @@ def bench_loops(quick: bool, dtype: torch.dtype) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 def run(*, quick: bool = False, dtype: str = "bf16", out: Optional[Path] = None) -> int:
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    torch_dtype = common.DTYPES[dtype]
     ceilings = {"copy_gbps": common._copy_gbps()}
     meta = common.run_metadata(ceilings)
     print(f"\ndiffusion: {meta['device']}, copy ceiling {ceilings['copy_gbps']:.0f} GB/s", flush=True)

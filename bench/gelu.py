@@ -201,19 +201,7 @@ def timed_call(p: Provider, mode: str, b) -> Callable[[Inputs], object]:
 def copy_call(nbytes: list[int]) -> tuple[Callable[[], object], list]:
     """Device copies moving ``nbytes[i]`` bytes in launch i (a copy reads n / 2 and writes n / 2),
     each from its own region of a rotating source, as the op's kernels read their own tensors."""
-    halves = [n // 2 for n in nbytes]
-    size = sum(halves)
-    srcs = [torch.empty(size, dtype=torch.uint8, device=DEVICE).random_()  # never copy zeros
-            for _ in range(common.rotation_count(size))]
-    dst = torch.empty(max(halves), dtype=torch.uint8, device=DEVICE)
-
-    def copies(src):
-        start = 0
-        for n in halves:
-            dst[:n].copy_(src[start:start + n])
-            start += n
-
-    return common.rotating(copies, [(s,) for s in srcs]), srcs + [dst]
+    return common.copy_launches(nbytes, DEVICE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,17 +276,13 @@ class Sweep(common.CopySweep):
             self.add_row(op, "copy", case, M, N, mode, times, None, n_sets)
 
     def add_row(self, op, name, case, M, N, mode, times, err, n_sets) -> None:
-        p50, p20, p80 = times
-        nbytes = bytes_moved(op, mode, M, N, self.elem)
-        gbps = nbytes / (p50 * 1e-3) / 1e9
         row = {"op": op, "approximate": OPS[op][0], "provider": name, "case": case, "M": M, "N": N,
                "elements": M * N, "dtype": self.dtype, "mode": mode,
-               "p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "bytes": nbytes, "gbps": gbps,
-               "pct_copy": 100 * gbps / self.copy_gbps,
+               **self.rate(times, bytes_moved(op, mode, M, N, self.elem)),
                "fwd_err_vs_eager": err, "input_sets": n_sets}
         self.rows.append(row)
-        print(f"{op:>9} {mode:>7} M={M:<6} N={N:<6} {name:>13}  p50 {p50:8.4f} ms"
-              f"  {gbps:7.0f} GB/s  {row['pct_copy']:5.1f}%", flush=True)
+        print(f"{op:>9} {mode:>7} M={M:<6} N={N:<6} {name:>13}  p50 {row['p50_ms']:8.4f} ms"
+              f"  {row['gbps']:7.0f} GB/s  {row['pct_copy']:5.1f}%", flush=True)
 
     def plot(self, meta: dict, out: Path) -> None:
         common.plot_lines(

@@ -136,19 +136,7 @@ def timed_call(fn: Callable, mode: str, w, b) -> Callable:
 def copy_call(nbytes: list[int]) -> Callable[[], object]:
     """Device copies moving ``nbytes[i]`` bytes in launch i (a copy reads n/2 and writes n/2),
     each from its own region of a rotating source."""
-    halves = [n // 2 for n in nbytes]
-    size = sum(halves)
-    srcs = [torch.empty(size, dtype=torch.uint8, device=DEVICE).random_()
-            for _ in range(common.rotation_count(size))]
-    dst = torch.empty(max(halves), dtype=torch.uint8, device=DEVICE)
-
-    def copies(src):
-        start = 0
-        for n in halves:
-            dst[:n].copy_(src[start:start + n])
-            start += n
-
-    return common.rotating(copies, [(s,) for s in srcs])
+    return common.copy_launches(nbytes, DEVICE)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,17 +205,13 @@ class Sweep(common.CopySweep):
             self.add_row(op, "copy", case, B, C, H, layout, mode, times, None, None, 0)
 
     def add_row(self, op, name, case, B, C, H, layout, mode, times, err, same_layout, n_sets) -> None:
-        p50, p20, p80 = times
-        nbytes = bytes_moved(mode, B, C, H, self.elem)
-        gbps = nbytes / (p50 * 1e-3) / 1e9
         row = {"op": op, "provider": name, "case": case, "layout": layout, "B": B, "C": C, "H": H,
                "W": H, "groups": GROUPS, "group_elems": C // GROUPS * H * H, "dtype": self.dtype,
-               "mode": mode, "p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "bytes": nbytes,
-               "gbps": gbps, "pct_copy": 100 * gbps / self.copy_gbps, "fwd_err_vs_eager": err,
-               "output_layout_as_eager": same_layout, "input_sets": n_sets}
+               "mode": mode, **self.rate(times, bytes_moved(mode, B, C, H, self.elem)),
+               "fwd_err_vs_eager": err, "output_layout_as_eager": same_layout, "input_sets": n_sets}
         self.rows.append(row)
-        print(f"{op:>15} {mode:>7} {layout} B={B:<3} C={C:<3} H={H:<3} {name:>13}  p50 {p50:8.4f} ms"
-              f"  {gbps:7.0f} GB/s  {row['pct_copy']:5.1f}%", flush=True)
+        print(f"{op:>15} {mode:>7} {layout} B={B:<3} C={C:<3} H={H:<3} {name:>13}  p50 {row['p50_ms']:8.4f} ms"
+              f"  {row['gbps']:7.0f} GB/s  {row['pct_copy']:5.1f}%", flush=True)
 
     def plot(self, meta: dict, out: Path) -> None:
         common.plot_lines(

@@ -212,19 +212,16 @@ class Sweep(common.CopySweep):
             for mode in MODES:
                 call = timed_call(p, mode, w, b)
                 try:
-                    p50, p20, p80 = self.time_sets(call, sets)
+                    times = self.time_sets(call, sets)
                 except Exception as exc:
                     self.skip(f"{op} {name} {mode} M={M} N={N}", common.short_error(exc))
                     continue
-                nbytes = bytes_moved(op, mode, M, N, self.elem)
-                gbps = nbytes / (p50 * 1e-3) / 1e9
                 row = {"op": op, "provider": name, "case": case, "M": M, "N": N, "dtype": self.dtype,
-                       "mode": mode, "p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "bytes": nbytes,
-                       "gbps": gbps, "pct_copy": 100 * gbps / self.copy_gbps,
+                       "mode": mode, **self.rate(times, bytes_moved(op, mode, M, N, self.elem)),
                        "fwd_err_vs_eager": err, "input_sets": len(sets)}
                 self.rows.append(row)
-                print(f"{op:>14} {mode:>7} M={M:<6} N={N:<6} {name:>13}  p50 {p50:8.4f} ms"
-                      f"  {gbps:7.0f} GB/s  {row['pct_copy']:5.1f}%", flush=True)
+                print(f"{op:>14} {mode:>7} M={M:<6} N={N:<6} {name:>13}  p50 {row['p50_ms']:8.4f} ms"
+                      f"  {row['gbps']:7.0f} GB/s  {row['pct_copy']:5.1f}%", flush=True)
         del sets, ref
         torch.cuda.empty_cache()
 

@@ -139,14 +139,10 @@ def run(*, quick: bool = False, dtype: str = "bf16", out: Optional[Path] = None)
                             quick=quick, out=out, matmul_dtype=dtype)
 
 
-class Sweep(common.Sweep):
+class Sweep(common.MatmulSweep):
     """The rows measured so far, the providers skipped and why, and the timing settings."""
 
     name = "linear_gelu"
-
-    def __init__(self, dtype: str, matmul_tflops: float, warmup_ms: int, rep_ms: int):
-        super().__init__(dtype, warmup_ms, rep_ms)
-        self.matmul_tflops = matmul_tflops
 
     def bench_shape(self, case: str, M: int, K: int, N: int, approximate: str,
                     provs: dict[str, Provider]) -> None:
@@ -172,19 +168,16 @@ class Sweep(common.Sweep):
             for mode in MODES:
                 call = timed_call(p, mode, approximate)
                 try:
-                    p50, p20, p80 = self.time_sets(call, sets)
+                    times = self.time_sets(call, sets)
                 except Exception as exc:
                     self.skip(f"linear_gelu {name} {mode} {what}", common.short_error(exc))
                     continue
-                n = flops(mode, M, K, N)
-                tflops = n / (p50 * 1e-3) / 1e12
                 row = {"op": "linear_gelu", "provider": name, "case": case, "M": M, "K": K, "N": N,
                        "approximate": approximate, "dtype": self.dtype, "mode": mode,
-                       "p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "flops": n, "tflops": tflops,
-                       "pct_matmul": 100 * tflops / self.matmul_tflops, "fwd_err_vs_eager": err,
+                       **self.rate(times, flops(mode, M, K, N)), "fwd_err_vs_eager": err,
                        "input_sets": len(sets)}
                 self.rows.append(row)
-                print(f"{mode:>7} {what:<30} {name:>13}  p50 {p50:8.4f} ms  {tflops:6.1f} TFLOP/s"
+                print(f"{mode:>7} {what:<30} {name:>13}  p50 {row['p50_ms']:8.4f} ms  {row['tflops']:6.1f} TFLOP/s"
                       f"  {row['pct_matmul']:5.1f}%", flush=True)
         del sets, ref, x0, w0, b0
         torch.cuda.empty_cache()
