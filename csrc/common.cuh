@@ -3,10 +3,12 @@
 // The extension never links libtorch. Python hands us raw device pointers (as integers, 0 for
 // "absent"), sizes, row strides in elements, dtype codes and the CUDA stream; torch owns every
 // allocation. This header therefore has two halves:
-//   * plain C++ (visible to g++ compiling bindings.cpp): dtype codes, argument validation and
-//     the host entry points each .cu file exports;
+//   * plain C++ (visible to g++ compiling bindings.cpp): dtype codes, argument validation,
+//     ceil_div/round_up and the host entry points each .cu file exports;
 //   * CUDA only (under __CUDACC__): launch checking, fp16/bf16 <-> fp32 conversion, 16-byte
-//     vector loads and stores, warp reductions and the dtype dispatcher.
+//     vector loads and stores, warp and block reductions and the dtype dispatchers.
+// Kernel launches (<<<...>>>) stay in the .cu files: the CPU emulation in tests/test_cuda_build.py
+// rewrites them there, and never sees this header's text.
 // Errors: bad arguments throw std::invalid_argument (Python ValueError), CUDA failures throw
 // std::runtime_error("dlh::<kernel>: <cuda error string>") (Python RuntimeError).
 #pragma once
@@ -33,6 +35,18 @@ inline void check_dtype_code(int code, const char* fn, const char* arg) {
             std::string(arg) + " must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
                 std::to_string(code));
 }
+
+inline void check_present(const char* fn, const char* name, std::uintptr_t ptr) {
+  check_arg(ptr != 0, fn, std::string(name) + " is required (got a null pointer)");
+}
+
+inline void check_sm_count(const char* fn, int sm_count) {
+  check_arg(sm_count >= 1, fn, "sm_count must be >= 1, got " + std::to_string(sm_count));
+}
+
+// Host-side sizing arithmetic (positive b).
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // ---------------------------------------------------------------------------------------------
 // Host entry points. Each block is defined in the .cu file named in its heading and bound in
@@ -254,11 +268,54 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Sums v over the blockDim.x threads that share a row (threadIdx.y picks the row). One warp per
+// row (blockDim.x == 32): shuffles only, no barrier. Wider (then the block is that one row): the
+// per-warp sums through `buf` (32 slots) and one barrier; every thread adds the per-warp sums in
+// the same order, so all threads get bitwise the same result. The caller must not write `buf`
+// again until every thread has passed another barrier (use a second buffer, or alternate two).
+__device__ __forceinline__ float block_sum(float v, float* buf) {
+  v = warp_sum(v);
+  if (blockDim.x == 32) return v;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  if (lane == 0) buf[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int i = 0; i < warps; ++i) total += buf[i];
+  return total;
+}
+
+// block_sum of two values at once (one barrier), e.g. sum and sum of squares.
+__device__ __forceinline__ float2 block_sum2(float2 v, float2* buf) {
+  v.x = warp_sum(v.x);
+  v.y = warp_sum(v.y);
+  if (blockDim.x == 32) return v;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  if (lane == 0) buf[warp] = v;
+  __syncthreads();
+  float2 total = make_float2(0.f, 0.f);
+  for (int i = 0; i < warps; ++i) {
+    total.x += buf[i].x;
+    total.y += buf[i].y;
+  }
+  return total;
+}
+
 // ---- dtype dispatch ----------------------------------------------------------------------------
 template <typename T>
 struct TypeTag {
   using type = T;
 };
+
+// Calls f(TypeTag<T>{}) for the storage type T of a dtype code the caller has already checked
+// (anything but float32 and float16 is bfloat16).
+template <typename F>
+void dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(TypeTag<float>{}); break;
+    case kFloat16: f(TypeTag<__half>{}); break;
+    default: f(TypeTag<__nv_bfloat16>{}); break;
+  }
+}
 
 // Calls f(TypeTag<T>{}, TypeTag<W>{}) for the activation type T (x_dtype) and the parameter type
 // W (w_dtype), which is either float32 or T. Any other combination is a ValueError.

@@ -261,15 +261,6 @@ int64_t grid_for(int64_t n) {
                                                        (kThreads * kElemsPerThread)));
 }
 
-template <typename F>
-void dispatch_step_dtype(int code, F&& f) {
-  switch (code) {
-    case kFloat32: f(TypeTag<float>{}); break;
-    case kFloat16: f(TypeTag<__half>{}); break;
-    default: f(TypeTag<__nv_bfloat16>{}); break;
-  }
-}
-
 template <typename T, typename TableT>
 void launch_step(const StepParams& P, bool contig, cudaStream_t stream) {
   const int64_t blocks = grid_for(P.n);
@@ -344,7 +335,7 @@ void diffusion_step(const DiffusionStepArgs& a) {
   P.clip = a.clip;
   P.guidance = a.guidance;
   const cudaStream_t stream = as_stream(a.stream);
-  dispatch_step_dtype(a.dtype, [&](auto tag) {
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (a.table_f64) launch_step<T, double>(P, a.contig, stream);
     else launch_step<T, float>(P, a.contig, stream);
@@ -360,7 +351,7 @@ void seeded_randn(const SeededRandnArgs& a) {
   check_arg(a.out != 0, fn, "out is required");
   const cudaStream_t stream = as_stream(a.stream);
   const int64_t* seed = reinterpret_cast<const int64_t*>(a.seed);
-  dispatch_step_dtype(a.dtype, [&](auto tag) {
+  dispatch_dtype(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     seeded_randn_kernel<T><<<grid_for(a.n), kThreads, 0, stream>>>(reinterpret_cast<T*>(a.out), seed,
                                                                      a.seed_value, a.n);

@@ -239,6 +239,20 @@ __device__ __forceinline__ bool full_group(const Tiling& t, int64_t start) {
   return t.vec_ok && start >= 0 && start + VEC <= t.N;
 }
 
+// The grid-stride loop of the one-group-per-thread kernels: body(row, start, full) for this
+// thread's group of VEC columns (first column `start`, `full` as full_group) in every tile, when
+// that group holds any of the problem.
+template <int VEC, typename F>
+__device__ __forceinline__ void for_each_group(const Tiling& t, F&& body) {
+  for (int64_t tile = blockIdx.x; tile < t.tiles; tile += gridDim.x) {
+    int64_t row, group;
+    tile_origin(t, tile, 1, row, group);
+    const int64_t start = group * VEC - t.pad;
+    if (row >= t.M || start >= t.N) continue;
+    body(row, start, full_group<VEC>(t, start));
+  }
+}
+
 // ---- gelu forward -------------------------------------------------------------------------------
 // The bias is fp32 or T (bias_f32 says which) and the GELU form a runtime flag: both are uniform
 // branches per 16-byte group, invisible next to the memory traffic, and they keep the number of
@@ -318,15 +332,10 @@ __device__ __forceinline__ void gelu_bwd_group(const GeluBwdParams& p, int64_t r
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gelu_bwd_kernel(const GeluBwdParams p) {
   constexpr int VEC = kVec16<T>;
-  const Tiling& t = p.t;
-  for (int64_t tile = blockIdx.x; tile < t.tiles; tile += gridDim.x) {
-    int64_t row, group;
-    tile_origin(t, tile, 1, row, group);
-    const int64_t start = group * VEC - t.pad;
-    if (row >= t.M || start >= t.N) continue;
+  for_each_group<VEC>(p.t, [&](int64_t row, int64_t start, bool full) {
     float dx[VEC];
-    gelu_bwd_group<T, VEC>(p, row, start, full_group<VEC>(t, start), dx);
-  }
+    gelu_bwd_group<T, VEC>(p, row, start, full, dx);
+  });
 }
 
 // gelu_bwd with dbias. Block (bx, by), grid gx * R: block b serves row group r = b / gx and
@@ -433,12 +442,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) geglu_fwd_kernel(const GegluParams p) {
   constexpr int VEC = kVec16<T>;
   const Tiling& t = p.t;
-  for (int64_t tile = blockIdx.x; tile < t.tiles; tile += gridDim.x) {
-    int64_t row, group;
-    tile_origin(t, tile, 1, row, group);
-    const int64_t start = group * VEC - t.pad;
-    if (row >= t.M || start >= t.N) continue;
-    const bool full = full_group<VEC>(t, start);
+  for_each_group<VEC>(t, [&](int64_t row, int64_t start, bool full) {
     const T* a_row = static_cast<const T*>(p.x) + row * p.stride_x;
     float a[VEC], g[VEC];
     load_span<VEC>(a_row, start, t.N, full, a);
@@ -447,19 +451,14 @@ __global__ void __launch_bounds__(kThreads) geglu_fwd_kernel(const GegluParams p
 #pragma unroll
     for (int k = 0; k < VEC; ++k) a[k] *= g[k];
     store_span<VEC>(static_cast<T*>(p.out) + row * p.stride_out, start, t.N, full, a);
-  }
+  });
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) geglu_bwd_kernel(const GegluParams p) {
   constexpr int VEC = kVec16<T>;
   const Tiling& t = p.t;
-  for (int64_t tile = blockIdx.x; tile < t.tiles; tile += gridDim.x) {
-    int64_t row, group;
-    tile_origin(t, tile, 1, row, group);
-    const int64_t start = group * VEC - t.pad;
-    if (row >= t.M || start >= t.N) continue;
-    const bool full = full_group<VEC>(t, start);
+  for_each_group<VEC>(t, [&](int64_t row, int64_t start, bool full) {
     const T* a_row = static_cast<const T*>(p.x) + row * p.stride_x;
     float dy[VEC], a[VEC], g[VEC], value[VEC], grad[VEC];
     load_span<VEC>(static_cast<const T*>(p.dy) + row * p.stride_dy, start, t.N, full, dy);
@@ -474,13 +473,10 @@ __global__ void __launch_bounds__(kThreads) geglu_bwd_kernel(const GegluParams p
     T* dx_row = static_cast<T*>(p.out) + row * p.stride_out;
     store_span<VEC>(dx_row, start, t.N, full, a);
     store_span<VEC>(dx_row + t.N, start, t.N, full, g);
-  }
+  });
 }
 
 // ---- host helpers -------------------------------------------------------------------------------
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
 // Threads across a row for `width` work items per row, at most `cap`: the row is cut into the
 // fewest blocks of <= cap threads, all of the same width, so that no block is left mostly idle
 // (a 300-wide row is two blocks of 150, not 256 + 44).
@@ -712,10 +708,6 @@ void check_size(const char* fn, const char* name, int64_t v) {
   check_arg(v >= 0, fn, std::string(name) + " must be >= 0, got " + std::to_string(v));
 }
 
-void check_present(const char* fn, const char* name, std::uintptr_t ptr) {
-  check_arg(ptr != 0, fn, std::string(name) + " is required (got a null pointer)");
-}
-
 // Inputs may broadcast over rows (stride 0); outputs of more than one row must not overlap.
 void check_stride(const char* fn, const char* name, int64_t stride, int64_t M, int64_t width, bool output) {
   const int64_t min_stride = output && M > 1 ? width : 0;
@@ -728,16 +720,6 @@ void check_bias_dtype(const char* fn, int x_dtype, int bias_dtype) {
   check_arg(bias_dtype == kFloat32 || bias_dtype == x_dtype, fn,
             "bias_dtype must be float32 (0) or equal to x_dtype (" + std::to_string(x_dtype) + "), got " +
                 std::to_string(bias_dtype));
-}
-
-// Calls f(TypeTag<T>{}) for the storage type of a (valid) dtype code.
-template <typename F>
-void dispatch_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: f(TypeTag<float>{}); break;
-    case kFloat16: f(TypeTag<__half>{}); break;
-    default: f(TypeTag<__nv_bfloat16>{}); break;
-  }
 }
 
 }  // namespace
@@ -762,7 +744,7 @@ int64_t gelu_bwd_workspace(int64_t M, int64_t N, int sm_count) {
   const char* fn = "gelu_bwd_workspace";
   check_size(fn, "M", M);
   check_size(fn, "N", N);
-  check_arg(sm_count >= 1, fn, "sm_count must be >= 1, got " + std::to_string(sm_count));
+  check_sm_count(fn, sm_count);
   if (M == 0 || N == 0) return 0;
   const DbiasPlan plan = plan_dbias(M, N, sm_count);
   return plan.R > 1 ? plan.R * plan.ldp * int64_t(sizeof(float)) : 0;
@@ -772,7 +754,7 @@ void gelu_bwd(const GeluBwdArgs& a) {
   const char* fn = "gelu_bwd";
   check_size(fn, "M", a.M);
   check_size(fn, "N", a.N);
-  check_arg(a.sm_count >= 1, fn, "sm_count must be >= 1, got " + std::to_string(a.sm_count));
+  check_sm_count(fn, a.sm_count);
   check_dtype_code(a.x_dtype, fn, "x_dtype");
   if (a.bias) check_bias_dtype(fn, a.x_dtype, a.bias_dtype);
   // Nothing to launch; with M == 0 dbias (all zeros) is left to the caller, like every output.

@@ -53,6 +53,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -74,8 +75,6 @@ constexpr int64_t kBatchBytes = DLH_TEST_GN_BATCH_BYTES;
 constexpr int64_t kBatchBytes = int64_t(16) << 20;
 #endif
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 enum class Pass { kFull, kStats, kApply };
 
@@ -158,36 +157,6 @@ Layout layout_for(const Geometry& geo, const Plan& p, bool backward) {
   l.db_part = l.dw_part + round_up(channel_floats, 4);
   l.total = l.db_part + channel_floats;
   return l;
-}
-
-// ---- block reductions ---------------------------------------------------------------------------
-// Sums over the blockDim.x threads of a block: warp shuffles, then the per-warp sums through `buf`
-// (32 slots) and one barrier; every thread adds the per-warp sums in the same order, so all
-// threads get bitwise the same result. A caller must not reuse `buf` before another barrier.
-__device__ __forceinline__ float block_sum(float v, float* buf) {
-  v = warp_sum(v);
-  if (blockDim.x == 32) return v;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  if (lane == 0) buf[warp] = v;
-  __syncthreads();
-  float total = 0.f;
-  for (int i = 0; i < warps; ++i) total += buf[i];
-  return total;
-}
-
-__device__ __forceinline__ float2 block_sum2(float2 v, float2* buf) {
-  v.x = warp_sum(v.x);
-  v.y = warp_sum(v.y);
-  if (blockDim.x == 32) return v;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  if (lane == 0) buf[warp] = v;
-  __syncthreads();
-  float2 total = make_float2(0.f, 0.f);
-  for (int i = 0; i < warps; ++i) {
-    total.x += buf[i].x;
-    total.y += buf[i].y;
-  }
-  return total;
 }
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
@@ -683,17 +652,13 @@ void check_sizes(const char* fn, int64_t N, int64_t C, int64_t S, int64_t G, int
   check_arg(G >= 1, fn, "G (num_groups) must be >= 1, got " + std::to_string(G));
   check_arg(C % G == 0, fn,
             "G (num_groups) must divide C = " + std::to_string(C) + ", got " + std::to_string(G));
-  check_arg(sm_count >= 1, fn, "sm_count must be >= 1, got " + std::to_string(sm_count));
+  check_sm_count(fn, sm_count);
 }
 
 void check_group_size(const char* fn, const Geometry& geo) {
   check_arg(geo.K < INT_MAX && geo.Vg < INT_MAX, fn,
             "a group of " + std::to_string(geo.Cg) + " x " + std::to_string(geo.S) +
                 " elements is too large (at most 2^31 16-byte vectors per group)");
-}
-
-void check_present(const char* fn, const char* name, std::uintptr_t ptr) {
-  check_arg(ptr != 0, fn, std::string(name) + " is required (got a null pointer)");
 }
 
 // The vectorised dim must have unit stride in every tensor: spatial (channels_inner false) or
@@ -712,61 +677,78 @@ int elem_size(int x_dtype, const char* fn) {
   return dtype_size(x_dtype);
 }
 
+// The geometry for 16-byte vectors of es-byte elements, once its group size is checked.
+Geometry checked_geometry(const char* fn, int64_t N, int64_t C, int64_t S, int64_t G, bool channels_inner,
+                          int es) {
+  const Geometry geo = geometry(N, C, S, G, channels_inner, 16 / es);
+  check_group_size(fn, geo);
+  return geo;
+}
+
+// Calls f(TypeTag<T>{}, TypeTag<W>{}, std::bool_constant<COLS>{}) for the call's activation and
+// parameter types (dispatch_norm_types) and its inner dim (COLS: channels_inner).
+template <typename Args, typename F>
+void dispatch_group_norm(const Args& a, const Geometry& geo, const char* fn, F&& f) {
+  dispatch_norm_types(a.x_dtype, (a.w || a.b) ? a.w_dtype : a.x_dtype, fn, [&](auto t, auto w) {
+    if (geo.cols) f(t, w, std::true_type{});
+    else f(t, w, std::false_type{});
+  });
+}
+
+// The checks both entry points start with (sizes, dtype codes); returns x's element size.
+template <typename Args>
+int check_call(const char* fn, const Args& a) {
+  check_sizes(fn, a.N, a.C, a.S, a.G, a.sm_count);
+  const int es = elem_size(a.x_dtype, fn);
+  check_dtype_code(a.w_dtype, fn, "w_dtype");
+  return es;
+}
+
+// Both workspace queries: bytes of the forward's or the backward's layout.
+int64_t workspace_bytes(const char* fn, int64_t N, int64_t C, int64_t S, int64_t G, bool channels_inner,
+                        int x_dtype, int sm_count, bool backward) {
+  check_sizes(fn, N, C, S, G, sm_count);
+  const int es = elem_size(x_dtype, fn);
+  if (N * C * S == 0) return 0;
+  const Geometry geo = checked_geometry(fn, N, C, S, G, channels_inner, es);
+  return layout_for(geo, plan_for(geo, backward, es, sm_count), backward).total * int64_t(sizeof(float));
+}
+
 }  // namespace
 
 // ---- host entry points ----------------------------------------------------------------------
 int64_t group_norm_fwd_workspace(int64_t N, int64_t C, int64_t S, int64_t G, bool channels_inner,
                                  int x_dtype, int sm_count) {
-  const char* fn = "group_norm_fwd_workspace";
-  check_sizes(fn, N, C, S, G, sm_count);
-  const int es = elem_size(x_dtype, fn);
-  if (N * C * S == 0) return 0;
-  const Geometry geo = geometry(N, C, S, G, channels_inner, 16 / es);
-  check_group_size(fn, geo);
-  return layout_for(geo, plan_for(geo, false, es, sm_count), false).total * int64_t(sizeof(float));
+  return workspace_bytes("group_norm_fwd_workspace", N, C, S, G, channels_inner, x_dtype, sm_count, false);
 }
 
 void group_norm_fwd(const GroupNormFwdArgs& a) {
   const char* fn = "group_norm_fwd";
-  check_sizes(fn, a.N, a.C, a.S, a.G, a.sm_count);
-  const int es = elem_size(a.x_dtype, fn);
-  check_dtype_code(a.w_dtype, fn, "w_dtype");
+  const int es = check_call(fn, a);
   if (a.N * a.C * a.S == 0) return;
   check_present(fn, "x", a.x);
   check_present(fn, "y", a.y);
   check_present(fn, "mean", a.mean);
   check_present(fn, "rstd", a.rstd);
-  const Geometry geo = geometry(a.N, a.C, a.S, a.G, a.channels_inner, 16 / es);
-  check_group_size(fn, geo);
+  const Geometry geo = checked_geometry(fn, a.N, a.C, a.S, a.G, a.channels_inner, es);
   check_inner(fn, "x", geo, a.stride_xc, a.stride_xs);
   check_inner(fn, "y", geo, a.stride_yc, a.stride_ys);
   const Plan plan = plan_for(geo, false, es, a.sm_count);
   check_arg(!plan.split || a.workspace != 0, fn,
             "this shape needs a workspace of group_norm_fwd_workspace(...) bytes, got none");
-  dispatch_norm_types(a.x_dtype, (a.w || a.b) ? a.w_dtype : a.x_dtype, fn, [&](auto t, auto w) {
-    using T = typename decltype(t)::type;
-    using W = typename decltype(w)::type;
-    if (geo.cols) run_fwd<T, W, true>(a, geo, plan);
-    else run_fwd<T, W, false>(a, geo, plan);
+  dispatch_group_norm(a, geo, fn, [&](auto t, auto w, auto cols) {
+    run_fwd<typename decltype(t)::type, typename decltype(w)::type, decltype(cols)::value>(a, geo, plan);
   });
 }
 
 int64_t group_norm_bwd_workspace(int64_t N, int64_t C, int64_t S, int64_t G, bool channels_inner,
                                  int x_dtype, int sm_count) {
-  const char* fn = "group_norm_bwd_workspace";
-  check_sizes(fn, N, C, S, G, sm_count);
-  const int es = elem_size(x_dtype, fn);
-  if (N * C * S == 0) return 0;
-  const Geometry geo = geometry(N, C, S, G, channels_inner, 16 / es);
-  check_group_size(fn, geo);
-  return layout_for(geo, plan_for(geo, true, es, sm_count), true).total * int64_t(sizeof(float));
+  return workspace_bytes("group_norm_bwd_workspace", N, C, S, G, channels_inner, x_dtype, sm_count, true);
 }
 
 void group_norm_bwd(const GroupNormBwdArgs& a) {
   const char* fn = "group_norm_bwd";
-  check_sizes(fn, a.N, a.C, a.S, a.G, a.sm_count);
-  const int es = elem_size(a.x_dtype, fn);
-  check_dtype_code(a.w_dtype, fn, "w_dtype");
+  const int es = check_call(fn, a);
   if (a.N * a.C * a.S == 0) {
     // nothing to normalise: the channel sums are empty sums
     check_arg(a.C == 0 || (!a.dw && !a.db), fn,
@@ -778,19 +760,15 @@ void group_norm_bwd(const GroupNormBwdArgs& a) {
   check_present(fn, "mean", a.mean);
   check_present(fn, "rstd", a.rstd);
   check_present(fn, "dx", a.dx);
-  const Geometry geo = geometry(a.N, a.C, a.S, a.G, a.channels_inner, 16 / es);
-  check_group_size(fn, geo);
+  const Geometry geo = checked_geometry(fn, a.N, a.C, a.S, a.G, a.channels_inner, es);
   check_inner(fn, "dy", geo, a.stride_dyc, a.stride_dys);
   check_inner(fn, "x", geo, a.stride_xc, a.stride_xs);
   check_inner(fn, "dx", geo, a.stride_dxc, a.stride_dxs);
   const Plan plan = plan_for(geo, true, es, a.sm_count);
   check_arg(a.workspace != 0 || layout_for(geo, plan, true).total == 0 || (!plan.split && !a.dw && !a.db), fn,
             "this shape needs a workspace of group_norm_bwd_workspace(...) bytes, got none");
-  dispatch_norm_types(a.x_dtype, (a.w || a.b) ? a.w_dtype : a.x_dtype, fn, [&](auto t, auto w) {
-    using T = typename decltype(t)::type;
-    using W = typename decltype(w)::type;
-    if (geo.cols) run_bwd<T, W, true>(a, geo, plan);
-    else run_bwd<T, W, false>(a, geo, plan);
+  dispatch_group_norm(a, geo, fn, [&](auto t, auto w, auto cols) {
+    run_bwd<typename decltype(t)::type, typename decltype(w)::type, decltype(cols)::value>(a, geo, plan);
   });
 }
 

@@ -72,9 +72,6 @@ constexpr int64_t kSplitBatchElems = int64_t(2) << 20;
 constexpr int kMinRowsPerGroup = 4;       // backward: rows per dw/db partial, to bound its cost
 constexpr int64_t kMaxRowsPerLaunch = int64_t(1) << 28;  // keeps gridDim.x < 2^31
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
 enum class Pass { kFull, kStats, kApply };
 
 // How a call is cut into launches. Depends only on (M, N, sm_count), never on dtypes or
@@ -169,37 +166,6 @@ BwdLayout bwd_layout(const Plan& p, int64_t M, int64_t N) {
   l.db_part = l.dw_part + round_up(col_floats, 4);
   l.total = l.db_part + col_floats;
   return l;
-}
-
-// ---- shared reductions over the tpr threads of a row ----------------------------------------
-// Sums v over the blockDim.x threads that share a row. One warp per row: shuffles only. Wider:
-// through `buf` (32 slots) and one barrier; every thread then adds the per-warp sums in the same
-// order, so all threads get bitwise the same result. The caller must not write `buf` again until
-// every thread has passed another barrier (use a second buffer, or alternate two).
-__device__ __forceinline__ float row_sum(float v, float* buf) {
-  v = warp_sum(v);
-  if (blockDim.x == 32) return v;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  if (lane == 0) buf[warp] = v;
-  __syncthreads();
-  float total = 0.f;
-  for (int i = 0; i < warps; ++i) total += buf[i];
-  return total;
-}
-
-__device__ __forceinline__ float2 row_sum2(float2 v, float2* buf) {
-  v.x = warp_sum(v.x);
-  v.y = warp_sum(v.y);
-  if (blockDim.x == 32) return v;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  if (lane == 0) buf[warp] = v;
-  __syncthreads();
-  float2 total = make_float2(0.f, 0.f);
-  for (int i = 0; i < warps; ++i) {
-    total.x += buf[i].x;
-    total.y += buf[i].y;
-  }
-  return total;
 }
 
 // ---- forward --------------------------------------------------------------------------------
@@ -307,7 +273,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const FwdParams<T
       float ss = 0.f;
 #pragma unroll
       for (int s = 0; s < EPT; ++s) ss += v[s] * v[s];
-      ss = row_sum(ss, red_sum);
+      ss = block_sum(ss, red_sum);
       if constexpr (PASS == Pass::kStats) {
         if (tid == 0) {
           part[0] = ss;
@@ -320,7 +286,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const FwdParams<T
       float s = 0.f;
 #pragma unroll
       for (int i = 0; i < EPT; ++i) s += v[i];
-      mean = row_sum(s, red_sum) / n;
+      mean = block_sum(s, red_sum) / n;
       // Second pass over the registers; padding columns must not contribute (0 - mean)^2.
       float m2 = 0.f;
 #pragma unroll
@@ -331,7 +297,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const FwdParams<T
           if (group_col(i) + k < n_cols) m2 += d * d;
         }
       }
-      m2 = row_sum(m2, red_m2);
+      m2 = block_sum(m2, red_m2);
       if constexpr (PASS == Pass::kStats) {
         if (tid == 0) {
           part[0] = mean;
@@ -398,7 +364,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const BwdParams<T
   constexpr int VEC = kVec16<T>;
   constexpr int NV = EPT / VEC;
   static_assert(EPT % VEC == 0, "a thread owns whole 16-byte groups");
-  __shared__ float2 red[2][32];  // alternated per row: see row_sum
+  __shared__ float2 red[2][32];  // alternated per row: see block_sum (common.cuh)
 
   const int tid = threadIdx.x, tpr = blockDim.x;
   const int64_t chunk = blockIdx.x % p.chunks;
@@ -447,7 +413,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const BwdParams<T
     const int64_t row = p.row_begin + blockIdx.x / p.chunks;
     if (row >= p.row_end) return;  // whole block
     float g[EPT], xhat[EPT];
-    const float2 sums = row_sum2(load_row(row, g, xhat, nullptr, nullptr), red[0]);
+    const float2 sums = block_sum2(load_row(row, g, xhat, nullptr, nullptr), red[0]);
     if (tid == 0) {
       float* part = p.row_partials + (row * p.chunks + chunk) * 2;
       part[0] = sums.x;
@@ -474,13 +440,13 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const BwdParams<T
     }
 
     // Loop bounds depend only on the group: uniform over the block when it holds one row (so the
-    // barrier in row_sum2 is safe), uniform over the warp otherwise (row_sum2 uses no barrier).
+    // barrier in block_sum2 is safe), uniform over the warp otherwise (block_sum2 uses no barrier).
     int parity = 0;
     for (int64_t row = p.row_begin + group; row < p.row_end; row += p.groups, parity ^= 1) {
       float g[EPT], xhat[EPT];
       float2 sums = load_row(row, g, xhat, acc_dw, acc_db);
       if constexpr (PASS == Pass::kFull) {
-        sums = row_sum2(sums, red[parity]);
+        sums = block_sum2(sums, red[parity]);
       } else {
         // The stats pass left one (sum g*xhat, sum g) per tile; each warp adds them up itself.
         const float* part = p.row_partials + row * p.chunks * 2;
@@ -681,7 +647,7 @@ void run_norm_bwd(const NormBwdArgs& a, const Plan& plan) {
 void check_sizes(const char* fn, int64_t M, int64_t N, int sm_count) {
   check_arg(M >= 0, fn, "M must be >= 0, got " + std::to_string(M));
   check_arg(N >= 0, fn, "N must be >= 0, got " + std::to_string(N));
-  check_arg(sm_count >= 1, fn, "sm_count must be >= 1, got " + std::to_string(sm_count));
+  check_sm_count(fn, sm_count);
 }
 
 // Inputs may broadcast over rows (stride 0); outputs must not overlap (stride >= N).
@@ -692,10 +658,6 @@ void check_stride(const char* fn, const char* name, std::uintptr_t ptr, int64_t 
   check_arg(stride >= min_stride, fn,
             std::string(name) + " row stride must be >= " + std::to_string(min_stride) + ", got " +
                 std::to_string(stride));
-}
-
-void check_present(const char* fn, const char* name, std::uintptr_t ptr) {
-  check_arg(ptr != 0, fn, std::string(name) + " is required (got a null pointer)");
 }
 
 }  // namespace
