@@ -1,6 +1,6 @@
 """`dlh bench`: microbenchmarks of dlh-kernels beside eager PyTorch, torch.compile and peers.
 
-    dlh bench [layer_norm|gelu|linear_gelu|attention|diffusion|group_norm|overhead|all] [--quick] [--dtype bf16] [--out DIR]
+    dlh bench [layer_norm|gelu|linear_gelu|conv2d|attention|diffusion|group_norm|overhead|all] [--quick] [--dtype bf16] [--out DIR]
     python -m dlh_kernels.bench ...   (the same)
 
 On a GPU: the device's ceilings first, then every provider side by side, results as CSV, JSON
@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlh bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", nargs="?", default="all",
-                   choices=("layer_norm", "gelu", "linear_gelu", "attention", "diffusion", "group_norm", "overhead",
+                   choices=("layer_norm", "gelu", "linear_gelu", "conv2d", "attention", "diffusion", "group_norm", "overhead",
                             "all"),
                    help="benchmark to run (default: all)")
     p.add_argument("--quick", action="store_true", help="short sweep (2-4 sizes), for a time-boxed GPU session")
@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     if not torch.cuda.is_available():
         return _without_gpu(args)
-    from . import attention, common, diffusion, gelu, group_norm, layer_norm, linear_gelu, overhead
+    from . import attention, common, conv2d, diffusion, gelu, group_norm, layer_norm, linear_gelu, overhead
     out = args.out or common.default_out_dir()
     rc = 0
     if args.which in ("layer_norm", "all"):
@@ -59,6 +59,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rc |= gelu.run(quick=args.quick, dtype=args.dtype, out=out)
     if args.which in ("linear_gelu", "all"):
         rc |= linear_gelu.run(quick=args.quick, dtype=args.dtype, out=out)
+    if args.which in ("conv2d", "all"):
+        rc |= conv2d.run(quick=args.quick, dtype=args.dtype, out=out)
     if args.which in ("attention", "all"):
         rc |= attention.run(quick=args.quick, dtype=args.dtype, out=out)
     if args.which in ("diffusion", "all"):

@@ -243,4 +243,27 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sm_count"), py::arg("stream"),
       "Backward of group_norm_fwd (b matters only with silu): dx and, when given, dw/db ((C,) fp32,\n"
       "overwritten, deterministic).");
+
+  // ---- conv2d.cu --------------------------------------------------------------------------------
+  // NHWC 2D convolution forward + bias + activation (0 none, 1 relu, 2 silu, 3 gelu, 4 gelu_tanh,
+  // 5 leaky_relu); fp16/bf16 on tensor cores (implicit GEMM, sm_80+), fp32 and depthwise on CUDA cores.
+  m.def(
+      "conv2d_fwd",
+      [](ptr_t x, ptr_t w, ptr_t bias, ptr_t y, int64_t N, int64_t H, int64_t W, int64_t C, int64_t K,
+         int64_t R, int64_t S, int64_t OH, int64_t OW, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+         int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t groups, int activation, double negative_slope,
+         int dtype, ptr_t stream) {
+        const dlh::Conv2dFwdArgs args{x,     w,     bias,     y,        N,     H,     W,     C,
+                                      K,     R,     S,        OH,       OW,    stride_h,    stride_w,
+                                      pad_h, pad_w, dil_h,    dil_w,    groups, activation,
+                                      static_cast<float>(negative_slope), dtype, stream};
+        py::gil_scoped_release no_gil;
+        dlh::conv2d_fwd(args);
+      },
+      py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("N"), py::arg("H"), py::arg("W"),
+      py::arg("C"), py::arg("K"), py::arg("R"), py::arg("S"), py::arg("OH"), py::arg("OW"), py::arg("stride_h"),
+      py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"), py::arg("dil_h"), py::arg("dil_w"),
+      py::arg("groups"), py::arg("activation"), py::arg("negative_slope"), py::arg("dtype"), py::arg("stream"),
+      "y = act(conv2d(x, w) + bias): x (N, H, W, C), w (K, R, S, C/groups), y (N, OH, OW, K), contiguous,\n"
+      "one dtype (0 fp32, 1 fp16, 2 bf16); bias (K,) optional (0).");
 }

@@ -167,6 +167,19 @@ int64_t group_norm_bwd_workspace(int64_t N, int64_t C, int64_t S, int64_t G, boo
                                  int x_dtype, int sm_count);
 void group_norm_bwd(const GroupNormBwdArgs& args);
 
+// conv2d.cu: 2D convolution forward, NHWC, fused bias + activation. x (N, H, W, C), w (K, R, S,
+// C/groups), y (N, OH, OW, K), all contiguous, in one dtype (bias (K,) too; 0 when absent).
+// activation: 0 none, 1 relu, 2 silu, 3 gelu (erf), 4 gelu_tanh, 5 leaky_relu(negative_slope).
+struct Conv2dFwdArgs {
+  std::uintptr_t x, w, bias, y;
+  int64_t N, H, W, C, K, R, S, OH, OW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups;
+  int activation;
+  float negative_slope;
+  int dtype;
+  std::uintptr_t stream;
+};
+void conv2d_fwd(const Conv2dFwdArgs& args);
+
 }  // namespace dlh
 
 #ifdef __CUDACC__

@@ -119,6 +119,24 @@ def _run_diffusion_step(op: str, case, dtype, backend: str, device):
     return _errors(out, eager, ref)
 
 
+def _run_conv2d(op: str, case, dtype, backend: str, device):
+    from . import functional as DF
+    from .ops.conv2d import conv2d_reference
+    shape, (K, R, S), stride, padding, groups, channels_last = case
+    g = _generator()
+    x = torch.randn(shape, generator=g).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    fan_in = shape[1] // groups * R * S
+    w = (torch.randn(K, shape[1] // groups, R, S, generator=g) * fan_in ** -0.5).to(dtype)
+    b = (torch.randn(K, generator=g) * 0.5).to(dtype)
+    args = (stride, padding, 1, groups)
+    out = DF.conv2d(x.to(device), w.to(device), b.to(device), *args, activation="relu", backend=backend)
+    eager = DF.conv2d(x, w, b, *args, activation="relu", backend="torch")
+    ref = conv2d_reference(x.double(), w.double(), b.double(), *args, activation="relu")
+    return _errors(out, eager, ref)
+
+
 _CHECKS = {
     "layer_norm": (_run_norm, _NORM_CASES, [((4, 131072), (131072,))]),
     "rms_norm": (_run_norm, _NORM_CASES, [((4, 131072), (131072,))]),
@@ -138,6 +156,10 @@ _CHECKS = {
     # (shape, kind): DDPM with noise; DDIM eta = 1 with guidance 7.5; noise given (the same for all)
     "diffusion_step": (_run_diffusion_step, [((2, 4, 9, 7), "ddpm"), ((2, 4, 9, 7), "ddim-cfg")],
                        [((8, 4, 64, 64), "ddim-cfg")]),
+    # ((N, C, H, W), (K, R, S), stride, padding, groups, channels_last), conv + bias + ReLU: the
+    # seed CNN's second layer, a strided grouped one; on GPU ResNet-50's 3x3 and its stem
+    "conv2d": (_run_conv2d, [((1, 16, 14, 14), (32, 5, 5), 1, 2, 1, True), ((2, 6, 9, 7), (6, 3, 3), 2, 1, 3, False)],
+               [((8, 64, 56, 56), (64, 3, 3), 1, 1, 1, True), ((8, 3, 224, 224), (64, 7, 7), 2, 3, 1, False)]),
 }
 
 

@@ -4,10 +4,11 @@ Signatures follow ``torch.nn.functional``; every function also takes a keyword-o
 ``backend=`` ("auto", "triton", "cuda", "torch"; None: the current default).
 """
 from .ops.attention import scaled_dot_product_attention
+from .ops.conv2d import conv2d
 from .ops.diffusion_step import diffusion_step
 from .ops.gelu import geglu, gelu, linear_gelu
 from .ops.group_norm import group_norm
 from .ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "geglu", "linear_gelu",
-           "scaled_dot_product_attention", "group_norm", "diffusion_step"]
+           "scaled_dot_product_attention", "group_norm", "diffusion_step", "conv2d"]

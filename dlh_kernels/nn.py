@@ -140,4 +140,44 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return added, False
 
 
-__all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "GELU", "MultiheadAttention"]
+class Conv2d(torch.nn.Conv2d):
+    """`torch.nn.Conv2d` on dlh kernels (same parameters, same state_dict), with the keyword-only
+    ``activation`` (None, "relu", "silu", "gelu", "gelu_tanh", "leaky_relu"; and
+    ``negative_slope``) fused into the convolution's epilogue; neither is part of the state_dict.
+
+    Only ``padding_mode="zeros"`` runs our kernel. The other padding modes ("reflect",
+    "replicate", "circular") fall back to torch: F.pad, then torch's convolution, then the
+    activation in eager PyTorch.
+    """
+    backend: Optional[str] = None
+    activation: Optional[str] = None
+    negative_slope: float = 0.01
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device=None, dtype=None, *, activation: Optional[str] = None,
+                 negative_slope: float = 0.01):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, padding_mode, device, dtype)
+        from .ops.conv2d import ACTIVATIONS
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"dlh.nn.Conv2d: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            from .ops.conv2d import activation_reference
+            return activation_reference(super().forward(input), self.activation, self.negative_slope)
+        return DF.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                         self.groups, activation=self.activation, negative_slope=self.negative_slope,
+                         backend=self.backend)
+
+    def extra_repr(self) -> str:
+        extra = f", activation={self.activation!r}" if self.activation else ""
+        if self.activation == "leaky_relu":
+            extra += f", negative_slope={self.negative_slope}"
+        return super().extra_repr() + extra
+
+
+__all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "GELU", "Conv2d", "MultiheadAttention"]

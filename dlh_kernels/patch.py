@@ -25,9 +25,38 @@ _SWAPS = {
     # need_weights=True (torch's default) falls back to torch inside; nn.TransformerEncoderLayer
     # and most models call it with need_weights=False, which runs our kernel
     torch.nn.MultiheadAttention: ("scaled_dot_product_attention", dnn.MultiheadAttention),
+    # padding_mode other than "zeros" falls back to torch inside dlh.nn.Conv2d
+    torch.nn.Conv2d: ("conv2d", dnn.Conv2d),
 }
 # Modules later issues will cover: reported as left, with the reason.
-_NOT_YET = (torch.nn.Conv2d,)
+_NOT_YET: tuple = ()
+
+
+def _fusable_activation(module: torch.nn.Module):
+    """(activation, negative_slope) of an activation module a dlh Conv2d can fuse, else None."""
+    t = type(module)
+    if t is torch.nn.ReLU:
+        return "relu", 0.01
+    if t is torch.nn.SiLU:
+        return "silu", 0.01
+    if t is torch.nn.GELU:
+        return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), 0.01
+    if t is torch.nn.LeakyReLU:
+        return "leaky_relu", float(module.negative_slope)
+    return None
+
+
+def _fuse_activation(parent: torch.nn.Module, name: str, conv: torch.nn.Module) -> Optional[str]:
+    """Inside an nn.Sequential, put the activation module `name` into `conv`'s epilogue and put
+    an nn.Identity in its place (unpatch restores it); return the fused activation or None."""
+    act = _fusable_activation(parent._modules[name])
+    if act is None:
+        return None
+    conv.activation, conv.negative_slope = act
+    identity = torch.nn.Identity()
+    identity.__dict__["_dlh_original"] = parent._modules[name]
+    parent._modules[name] = identity
+    return act[0]
 
 
 @dataclass
@@ -72,8 +101,10 @@ def patch(model: torch.nn.Module, *, ops: Optional[Iterable[str]] = None,
     report = PatchReport()
 
     def walk(module: torch.nn.Module, prefix: str) -> None:
-        for name, child in list(module._modules.items()):
-            if child is None:
+        items = list(module._modules.items())
+        fused = set()
+        for i, (name, child) in enumerate(items):
+            if child is None or name in fused:
                 continue
             qual = f"{prefix}{name}"
             entry = _SWAPS.get(type(child))
@@ -82,7 +113,18 @@ def patch(model: torch.nn.Module, *, ops: Optional[Iterable[str]] = None,
                 if family in wanted:
                     new = _swap(module, name, new_cls)
                     new.backend = backend
-                    report.replaced.append((qual, type(child).__name__, f"dlh.nn.{new_cls.__name__}"))
+                    what = f"dlh.nn.{new_cls.__name__}"
+                    # Sequential(..., Conv2d, ReLU, ...): the activation goes into the conv's epilogue
+                    if (family == "conv2d" and isinstance(module, torch.nn.Sequential)
+                            and i + 1 < len(items) and items[i + 1][1] is not None):
+                        act_name, act_module = items[i + 1]
+                        act = _fuse_activation(module, act_name, new)
+                        if act is not None:
+                            fused.add(act_name)
+                            what = f"dlh.nn.Conv2d(activation={act!r})"
+                            report.replaced.append((f"{prefix}{act_name}", type(act_module).__name__,
+                                                    f"nn.Identity (fused into {qual})"))
+                    report.replaced.append((qual, type(child).__name__, what))
                 else:
                     report.left.append((qual, type(child).__name__, "excluded by ops="))
                 continue

@@ -15,6 +15,9 @@ machines without GPUs catch compile errors in csrc/ and even run the kernels:
   (g) csrc/group_norm.cu (GroupNorm + SiLU) driven by the op's own glue, against float64, on a
       GPU (marked `gpu`) and through the emulation: NCHW and channels-inner groups, fused and
       split, sample batches, vectors and the scalar fallback, layouts the glue must copy.
+  (h) csrc/conv2d.cu (NHWC conv2d + bias + activation) against float64 F.conv2d: on a GPU (marked
+      `gpu`) through both kernels; on the CPU emulation only its CUDA-core direct kernel (the
+      tensor-core implicit GEMM is inline PTX that the emulation cannot run: it only compiles here).
 """
 import os
 import re
@@ -215,6 +218,24 @@ NO_GPU_SCRIPT = textwrap.dedent("""
         print("gn_fwd_empty", outcome(C.group_norm_fwd, **{**nf, "N": 0}))
         print("gn_ws", outcome(C.group_norm_bwd_workspace, 8, 128, 4096, 32, False, 2, 132),
               C.group_norm_bwd_workspace(8, 128, 4096, 32, False, 2, 132))
+
+    if hasattr(C, "conv2d_fwd"):  # an extension built before conv2d.cu existed has none
+        cv = dict(x=1 << 20, w=2 << 20, bias=3 << 20, y=4 << 20, N=2, H=32, W=32, C=128, K=128, R=3, S=3,
+                  OH=32, OW=32, stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1, groups=1,
+                  activation=1, negative_slope=0.01, dtype=1, stream=0)
+        print("conv", outcome(C.conv2d_fwd, **cv))
+        print("conv_f32", outcome(C.conv2d_fwd, **{**cv, "dtype": 0, "bias": 0}))
+        print("conv_dw", outcome(C.conv2d_fwd, **{**cv, "groups": 128, "R": 5, "S": 5, "pad_h": 2, "pad_w": 2}))
+        print("conv_bad_OH", outcome(C.conv2d_fwd, **{**cv, "OH": 31}))
+        print("conv_bad_OW", outcome(C.conv2d_fwd, **{**cv, "stride_w": 2}))
+        print("conv_bad_groups", outcome(C.conv2d_fwd, **{**cv, "groups": 3}))
+        print("conv_bad_groups_K", outcome(C.conv2d_fwd, **{**cv, "K": 100, "groups": 8}))
+        print("conv_bad_act", outcome(C.conv2d_fwd, **{**cv, "activation": 6}))
+        print("conv_bad_dtype", outcome(C.conv2d_fwd, **{**cv, "dtype": 3}))
+        print("conv_bad_stride", outcome(C.conv2d_fwd, **{**cv, "stride_h": 0}))
+        print("conv_null_x", outcome(C.conv2d_fwd, **{**cv, "x": 0}))
+        print("conv_null_w", outcome(C.conv2d_fwd, **{**cv, "w": 0}))
+        print("conv_empty", outcome(C.conv2d_fwd, **{**cv, "N": 0, "x": 0, "y": 0}))
 """)
 
 
@@ -261,6 +282,18 @@ def test_calls_without_gpu_raise_cleanly():
             assert results[call].startswith("ValueError: dlh::group_norm_") and arg in results[call], results[call]
         assert results["gn_fwd_empty"] == "ok"
         assert results["gn_ws"].startswith("ok ") and int(results["gn_ws"].split()[1]) > 0
+
+    if "conv" in results:
+        assert results["conv"].startswith("RuntimeError: dlh::conv2d_igemm_kernel: "), results["conv"]
+        for call in ("conv_f32", "conv_dw"):  # fp32 and depthwise take the CUDA-core kernel
+            assert results[call].startswith("RuntimeError: dlh::conv2d_direct_kernel: "), results[call]
+        for call, arg in [("conv_bad_OH", "OH must be"), ("conv_bad_OW", "OW must be"),
+                          ("conv_bad_groups", "groups must divide C"), ("conv_bad_groups_K", "groups must divide K"),
+                          ("conv_bad_act", "activation"), ("conv_bad_dtype", "dtype"),
+                          ("conv_bad_stride", "stride_h"), ("conv_null_x", "x is required"),
+                          ("conv_null_w", "w is required")]:
+            assert results[call].startswith("ValueError: dlh::conv2d_fwd: ") and arg in results[call], results[call]
+        assert results["conv_empty"] == "ok"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1382,3 +1415,123 @@ def test_gpu_group_norm_against_float64(shape, G, dtype, w_dtype, layout, dy_lay
     from dlh_kernels.ops import group_norm as GN
     _check_group_norm(GN, torch.device("cuda"), shape, G, dtype, w_dtype, layout, dy_layout, silu, affine)
     torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# (h) csrc/conv2d.cu: y = act(conv2d(x, w) + bias), NHWC, through the raw interface, against
+# float64 F.conv2d on the same rounded inputs. y lives in a NaN-filled buffer longer than y: it
+# must come back finite and the tail still NaN. On a GPU (marked `gpu`): the tensor-core implicit
+# GEMM (fp16/bf16, 16-byte cp.async when C/groups % 8 == 0, scalar gather otherwise) and the
+# CUDA-core direct kernel (fp32, depthwise). On the CPU emulation: the direct kernel only, forced
+# for every dtype (DLH_TEST_CONV_DIRECT_ONLY), with a 3-block grid so its grid-stride loop turns.
+
+_CONV_ACTS = {
+    0: lambda t, a: t,
+    1: lambda t, a: torch.relu(t),
+    2: lambda t, a: torch.nn.functional.silu(t),
+    3: lambda t, a: torch.nn.functional.gelu(t),
+    4: lambda t, a: torch.nn.functional.gelu(t, approximate="tanh"),
+    5: lambda t, a: torch.nn.functional.leaky_relu(t, a),
+}
+
+
+def _check_conv2d(conv2d_fwd, device, N, H, W, C, K, R, S, stride, pad, dil, groups, dtype, act, bias):
+    g = torch.Generator(device=device).manual_seed(N * 7919 + H * 31 + C * 7 + K)
+    cg = C // groups
+    x = torch.randn(N, H, W, C, device=device, generator=g).to(dtype)
+    w = (torch.randn(K, R, S, cg, device=device, generator=g) / (R * S * cg) ** 0.5).to(dtype)
+    b = torch.randn(K, device=device, generator=g).to(dtype) if bias else None
+    slope = 0.2
+    OH = (H + 2 * pad[0] - dil[0] * (R - 1) - 1) // stride[0] + 1
+    OW = (W + 2 * pad[1] - dil[1] * (S - 1) - 1) // stride[1] + 1
+    ref = torch.nn.functional.conv2d(x.double().permute(0, 3, 1, 2), w.double().permute(0, 3, 1, 2),
+                                     b.double() if b is not None else None, stride, pad, dil, groups)
+    ref = _CONV_ACTS[act](ref, slope).permute(0, 2, 3, 1)
+    numel = N * OH * OW * K
+    y_buf = torch.full((numel + 40,), float("nan"), device=device, dtype=dtype)
+    y = y_buf[:numel].view(N, OH, OW, K)
+    conv2d_fwd(x=x.data_ptr(), w=w.data_ptr(), bias=_ptr(b), y=y.data_ptr(), N=N, H=H, W=W, C=C, K=K, R=R, S=S,
+               OH=OH, OW=OW, stride_h=stride[0], stride_w=stride[1], pad_h=pad[0], pad_w=pad[1], dil_h=dil[0],
+               dil_w=dil[1], groups=groups, activation=act, negative_slope=slope, dtype=CODE[dtype])
+    assert _written_exactly(y_buf, y), "conv2d_fwd: y not written exactly"
+    assert _err(y, ref) <= TOL[dtype], f"conv2d_fwd: y (err {_err(y, ref):.2e})"
+
+
+# (N, H, W, C, K, R, S, stride, pad, dil, groups, dtype, activation, bias): the path each reaches
+GPU_CONV_CASES = [
+    (2, 28, 28, 1, 16, 5, 5, (1, 1), (2, 2), (1, 1), 1, F16, 1, True),      # 1 -> 16 5x5: TC, scalar gather
+    (2, 28, 28, 1, 16, 5, 5, (1, 1), (2, 2), (1, 1), 1, F32, 1, True),      # the same in fp32: direct
+    (2, 32, 32, 128, 128, 3, 3, (1, 1), (1, 1), (1, 1), 1, BF16, 2, True),  # 3x3 128 -> 128: TC, cp.async
+    (2, 32, 32, 128, 128, 3, 3, (1, 1), (1, 1), (1, 1), 1, F16, 3, False),  # same, fp16, gelu, no bias
+    (3, 16, 16, 64, 96, 1, 1, (1, 1), (0, 0), (1, 1), 1, F16, 4, True),     # 1x1, Kg = 96: an N-tile tail
+    (2, 64, 64, 3, 64, 11, 11, (4, 4), (2, 2), (1, 1), 1, BF16, 1, True),   # 11x11 stride 4, 3 -> 64
+    (2, 20, 20, 64, 64, 3, 3, (1, 1), (1, 1), (1, 1), 2, F16, 5, True),     # groups = 2 (grid z)
+    (2, 17, 17, 32, 32, 3, 3, (1, 1), (1, 1), (1, 1), 32, F16, 2, True),    # depthwise: direct
+    (1, 15, 13, 16, 24, 3, 3, (2, 2), (2, 1), (2, 2), 1, F32, 3, True),     # fp32, stride + dilation
+    (1, 7, 9, 24, 40, 3, 3, (2, 1), (1, 1), (1, 2), 1, BF16, 0, False),     # M = 36 < 128, Kgemm 216
+    (2, 9, 9, 12, 16, 3, 3, (1, 1), (1, 1), (1, 1), 2, F16, 2, True),       # Cg = 6: TC scalar, groups
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,H,W,C,K,R,S,stride,pad,dil,groups,dtype,act,bias", GPU_CONV_CASES)
+def test_gpu_conv2d_against_float64(N, H, W, C, K, R, S, stride, pad, dil, groups, dtype, act, bias):
+    C_ext, err = _import_ext()
+    if C_ext is None:
+        pytest.skip(f"dlh_kernels._C is not built ({err})")
+
+    def conv2d_fwd(**kw):
+        C_ext.conv2d_fwd(**kw, stream=torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+
+    _check_conv2d(conv2d_fwd, torch.device("cuda"), N, H, W, C, K, R, S, stride, pad, dil, groups, dtype, act,
+                  bias)
+
+
+EMU_CONV_EXPORTS = r"""
+#include <exception>
+extern "C" int emu_conv2d_fwd(const dlh::Conv2dFwdArgs* a, char* err, int n) {
+  try { dlh::conv2d_fwd(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emulated_conv2d(tmp_path_factory):
+    import ctypes
+
+    lib = _build_emulated(tmp_path_factory, "conv2d.cu", EMU_CONV_EXPORTS, 3,
+                          ["-DDLH_TEST_CONV_DIRECT_ONLY", "-DDLH_TEST_CONV_MAX_BLOCKS=3"])
+
+    class Args(ctypes.Structure):  # mirrors dlh::Conv2dFwdArgs
+        _fields_ = ([(n, ctypes.c_uint64) for n in "x w bias y".split()]
+                    + [(n, ctypes.c_int64) for n in ("N H W C K R S OH OW stride_h stride_w pad_h pad_w dil_h dil_w "
+                                                     "groups").split()]
+                    + [("activation", ctypes.c_int), ("negative_slope", ctypes.c_float), ("dtype", ctypes.c_int),
+                       ("stream", ctypes.c_uint64)])
+
+    def conv2d_fwd(**kw):
+        err = ctypes.create_string_buffer(512)
+        if lib.emu_conv2d_fwd(ctypes.byref(Args(**kw, stream=0)), err, 512):
+            raise RuntimeError(err.value.decode())
+
+    return conv2d_fwd
+
+
+EMULATED_CONV_CASES = [
+    (1, 12, 12, 1, 16, 5, 5, (1, 1), (2, 2), (1, 1), 1, F16, 1, True),      # 1 -> 16 5x5
+    (2, 9, 9, 8, 8, 3, 3, (1, 1), (1, 1), (1, 1), 2, BF16, 2, True),        # groups = 2
+    (1, 10, 10, 16, 16, 3, 3, (1, 1), (1, 1), (1, 1), 16, F32, 5, True),    # depthwise, leaky relu
+    (1, 20, 20, 3, 8, 11, 11, (4, 4), (2, 2), (1, 1), 1, F32, 4, True),     # 11x11 stride 4
+    (2, 7, 7, 6, 4, 1, 1, (1, 1), (0, 0), (1, 1), 1, F16, 3, False),        # 1x1, no bias
+    (1, 11, 9, 4, 6, 3, 3, (2, 1), (2, 1), (2, 3), 1, F32, 0, True),        # strides, dilations
+]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("N,H,W,C,K,R,S,stride,pad,dil,groups,dtype,act,bias", EMULATED_CONV_CASES)
+def test_conv2d_direct_emulated_on_cpu(emulated_conv2d, N, H, W, C, K, R, S, stride, pad, dil, groups, dtype, act,
+                                       bias):
+    _check_conv2d(emulated_conv2d, torch.device("cpu"), N, H, W, C, K, R, S, stride, pad, dil, groups, dtype, act,
+                  bias)

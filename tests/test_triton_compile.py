@@ -245,6 +245,34 @@ def group_norm_kernels(target, dtype, w_dtype, affine, silu, int64, fused, split
             dict(**flags, **blocks, CHUNKS_P2=64), num_warps=warps)
 
 
+def conv2d_kernels(target, dtype, act, bias, grad, fwd_cfg, bwd_cfg):
+    """One variant of each conv2d kernel. fwd_cfg: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
+    x, i32 = dtype, "i32"
+    dims = dict(N=i32, H=i32, W=i32, OH=i32, OW=i32, CG=i32, KG=i32, R=i32, S=i32)
+    conv = dict(stride_h=i32, stride_w=i32, pad_h=i32, pad_w=i32, dil_h=i32, dil_w=i32)
+
+    def strides(*names):
+        return {f"s{n}{d}": i32 for n in names for d in "nchw"}
+    precision = dict(INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_FP32=False)
+    bm, bn, bk, warps, stages = fwd_cfg
+    compile_kernel(
+        CV.conv2d_fwd_kernel, target, dict(X=x, Wt=x, Bias=x if bias else None, Y=x, DY=x if grad else None),
+        dict(**dims, sxn=i32, sxc=i32, sxh=i32, sxw=i32, swk=i32, swc=i32, swr=i32, sws=i32,
+             **strides("y", "d"), **conv, negative_slope="fp32", M_BUCKET=i32),
+        dict(ACT=act, HAS_BIAS=bias, GRAD=grad, **precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+        num_warps=warps, num_stages=stages)
+    bm, bn, bk, warps, stages = bwd_cfg
+    compile_kernel(
+        CV.conv2d_bwd_input_kernel, target, dict(DZ=x, Wt=x, DX=x),
+        dict(**dims, **strides("z"), swk=i32, swc=i32, swr=i32, sws=i32, **strides("x"), **conv),
+        dict(**precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages)
+    compile_kernel(
+        CV.conv2d_bwd_weight_kernel, target, dict(DZ=x, X=x, DW="fp32"),
+        dict(**dims, **strides("z", "x"), swk=i32, swc=i32, swr=i32, sws=i32, **conv,
+             pix_per_split=i32, split_stride=i32),
+        dict(**precision, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), num_warps=4, num_stages=3)
+
+
 def main(arch: int) -> int:
     try:
         from triton.backends.compiler import GPUTarget
@@ -313,6 +341,19 @@ def main(arch: int) -> int:
     for v in variants:
         group_norm_kernels(target, *v)
     print(f"compiled {len(variants)} variants of the group norm kernels for sm_{arch}")
+    global CV
+    from dlh_kernels.triton_kernels import conv2d as CV
+    # (dtype, activation code, bias, GRAD, forward config, dx config): the largest autotune
+    # candidate, the depthwise-sized one, and the fp32 GRAD recompute
+    variants = [
+        ("bf16", 1, True, False, (128, 128, 64, 8, 3), (128, 64, 64, 4, 3)),
+        ("fp16", 4, True, True, (64, 32, 16, 4, 3), (128, 16, 16, 4, 3)),
+        ("fp32", 5, False, True, (128, 64, 32, 4, 4), (128, 32, 32, 4, 3)),
+        ("bf16", 3, False, False, (256, 64, 64, 8, 3), (128, 64, 64, 4, 3)),
+    ]
+    for v in variants:
+        conv2d_kernels(target, *v)
+    print(f"compiled {len(variants)} variants of the conv2d kernels for sm_{arch}")
     return 0
 
 

@@ -1,0 +1,431 @@
+"""2D convolution in Triton as implicit GEMMs: forward with bias + activation in the epilogue,
+and the two backward GEMMs (grad input, grad weight). No im2col buffer is ever formed.
+
+Math (fp32 accumulation, storage in the input dtype). x (N, C, H, W), w (K, C/G, R, S), G groups,
+Cg = C/G input and Kg = K/G output channels per group; g = group of output channel k:
+
+    z[n, k, oh, ow] = b[k] + sum_{c < Cg, r < R, s < S}
+                      w[k, c, r, s] * x[n, g*Cg + c, oh*sh - ph + r*dh, ow*sw - pw + s*dw]
+    y = act(z),  act in {identity, relu, silu, gelu (erf), gelu_tanh, leaky_relu(slope)}
+
+    forward:  a GEMM per group, M = N*OH*OW rows (output pixels), Kg columns, reduction over
+              Cg*R*S ordered (r, s) outer and c inner, so in NHWC (channels_last) each A tile is a
+              run of contiguous channels of one input pixel. Taps falling in the zero padding are
+              masked loads (other=0): "same" with an even kernel (more padding after than before)
+              needs only the top/left padding and the output size.
+    dz:       dy without an activation; with one, dz = dy * act'(z) where z is recomputed by the
+              forward kernel in its GRAD epilogue mode (as linear_gelu does), so the forward keeps
+              only what F.conv2d's autograd keeps (x, w, b) and never the (N, K, OH, OW) z.
+    dx:       transposed implicit GEMM, M = N*H*W input pixels, Cg columns, reduction over
+              Kg*R*S: dx[n, c, ih, iw] = sum w[k, c, r, s] * dz[n, k, oh, ow] over the taps with
+              ih + ph - r*dh = oh*sh (masked where not divisible or out of range).
+    dw:       implicit GEMM over the N*OH*OW output pixels, one (r, s) tap per grid column:
+              dw[k, c, r, s] = sum_p dz[p, k] * x[p shifted by (r, s), c]; on GPU the pixel range
+              is split across programs into fp32 partials summed by torch.
+    db:       sum of dz over (n, oh, ow) (torch, in fp32), done by the glue.
+
+FLOPs: 2*N*OH*OW*K*Cg*R*S per GEMM (forward, dx, dw each; the GRAD recompute adds one more when
+an activation is present). Bytes at least: x + w + y (forward); dz, w, dx and dz, x, dw (backward).
+
+Precision: fp32 inputs use tl.dot with input_precision "ieee" unless
+torch.backends.cudnn.allow_tf32 is on (it is by default: it is the switch F.conv2d obeys on GPU,
+so we follow cuDNN's semantics, not torch.backends.cuda.matmul.allow_tf32); 16-bit inputs dot in
+their own type with fp32 accumulation. Under the Triton 3.9 interpreter 16-bit dots are widened to
+fp32 first (DOT_FP32), because its bf16 tl.dot multiplies raw bits.
+
+Layout: any input/weight/output strides are indexed directly (64-bit offsets); NHWC
+(channels_last) is the fast one for the forward and dx (contiguous channel runs).
+
+Versions:
+- v1 (this one): forward autotuned on GPU over tile shapes (BLOCK_K from Cg), fixed config under
+  the interpreter; dx without the stride-phase decomposition (strided convs waste
+  (1 - 1/(sh*sw)) of the dx taps on masks); dw split over pixels into fp32 partials. Checked under
+  the interpreter and compiled for sm_80/sm_90; not yet run or timed on a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dlh_kernels._alloc import empty
+
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+TANH_CUBIC = tl.constexpr(0.044715)
+
+# activation codes, shared with the glue and csrc/conv2d.cu
+ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4, "leaky_relu": 5}
+
+
+@triton.jit
+def _epilogue(acc, dy, slope, ACT: tl.constexpr, GRAD: tl.constexpr):
+    """act(acc), or dy * act'(acc) when GRAD; acc is the fp32 pre-activation tile."""
+    if ACT == 1:
+        if GRAD:
+            out = tl.where(acc > 0, dy, 0.0)
+        else:
+            out = tl.maximum(acc, 0.0)
+    elif ACT == 2:
+        sg = tl.sigmoid(acc)
+        if GRAD:
+            out = dy * sg * (1.0 + acc * (1.0 - sg))
+        else:
+            out = acc * sg
+    elif ACT == 3:
+        if GRAD:
+            out = dy * (0.5 * (1.0 + tl.erf(acc * INV_SQRT_2)) + acc * tl.exp(-0.5 * acc * acc) * INV_SQRT_2PI)
+        else:
+            out = 0.5 * acc * (1.0 + tl.erf(acc * INV_SQRT_2))
+    elif ACT == 4:
+        u = SQRT_2_OVER_PI * (acc + TANH_CUBIC * acc * acc * acc)
+        sg = tl.sigmoid(2.0 * u)
+        if GRAD:
+            out = dy * (sg + 2.0 * acc * sg * (1.0 - sg) * SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_CUBIC * acc * acc))
+        else:
+            out = acc * sg
+    elif ACT == 5:
+        if GRAD:
+            out = tl.where(acc > 0, dy, dy * slope)
+        else:
+            out = tl.where(acc > 0, acc, acc * slope)
+    else:
+        if GRAD:
+            out = dy
+        else:
+            out = acc
+    return out
+
+
+@triton.jit
+def conv2d_fwd_kernel(
+    X,  # input (N, C, H, W), strides sxn, sxc, sxh, sxw
+    Wt,  # weight (K, Cg, R, S), strides swk, swc, swr, sws
+    Bias,  # (K,) or None
+    Y,  # output (N, K, OH, OW): act(z), or dz when GRAD; strides syn, syc, syh, syw
+    DY,  # GRAD only: output gradient (N, K, OH, OW), strides sdn, sdc, sdh, sdw
+    N, H, W, OH, OW, CG, KG, R, S,
+    sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syc, syh, syw, sdn, sdc, sdh, sdw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    negative_slope,
+    M_BUCKET,  # unused: autotune key (N*OH*OW rounded up to a power of two)
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, GRAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    M = N * OH * OW
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(KG, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < KG
+    ow = rows % OW
+    t = rows // OW
+    oh = t % OH
+    n = t // OH
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_pix = X + n * sxn + (g * CG) * sxc
+    kout = g * KG + cols
+    w_col = Wt + kout * swk
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for rs in range(0, R * S):
+        r = rs // S
+        s = rs % S
+        ih = ih0 + r * dil_h
+        iw = iw0 + s * dil_w
+        ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a_row = x_pix + ih * sxh + iw * sxw
+        w_tap = w_col + r * swr + s * sws
+        for c0 in range(0, CG, BLOCK_K):
+            c = c0 + ks
+            c_ok = c < CG
+            a = tl.load(a_row[:, None] + c[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_tap[None, :] + c[:, None] * swc, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    # Epilogue: bias, then the activation (or dz = dy * act'(z)) on the fp32 tile; one store.
+    if HAS_BIAS:
+        acc += tl.load(Bias + kout, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if GRAD:
+        dy = tl.load(DY + (n * sdn + oh * sdh + ow * sdw)[:, None] + (kout * sdc)[None, :],
+                     mask=mask, other=0.0).to(tl.float32)
+    else:
+        dy = acc
+    out = _epilogue(acc, dy, negative_slope, ACT, GRAD)
+    tl.store(Y + (n * syn + oh * syh + ow * syw)[:, None] + (kout * syc)[None, :],
+             out.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def conv2d_bwd_input_kernel(
+    DZ,  # (N, K, OH, OW), strides szn, szc, szh, szw
+    Wt,  # (K, Cg, R, S), strides swk, swc, swr, sws
+    DX,  # (N, C, H, W), strides sxn, sxc, sxh, sxw
+    N, H, W, OH, OW, CG, KG, R, S,
+    szn, szc, szh, szw, swk, swc, swr, sws, sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    tiles_n = tl.cdiv(CG, BLOCK_N)
+    pid = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    M = N * H * W
+    rows = (pid // tiles_n).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % tiles_n).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < CG
+    iw = rows % W
+    t = rows // W
+    ih = t % H
+    n = t // H
+    dz_pix = DZ + n * szn + (g * KG) * szc
+    w_col = Wt + cols * swc + (g * KG) * swk
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for rs in range(0, R * S):
+        r = rs // S
+        s = rs % S
+        th = ih + pad_h - r * dil_h
+        tw = iw + pad_w - s * dil_w
+        th = tl.where(th >= 0, th, -1)  # keep the masked lanes' quotients harmless
+        tw = tl.where(tw >= 0, tw, -1)
+        oh = th // stride_h
+        ow = tw // stride_w
+        ok = row_ok & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0) \
+            & (oh < OH) & (ow < OW)
+        a_row = dz_pix + oh * szh + ow * szw
+        w_tap = w_col + r * swr + s * sws
+        for k0 in range(0, KG, BLOCK_K):
+            k = k0 + ks
+            k_ok = k < KG
+            a = tl.load(a_row[:, None] + k[None, :] * szc, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_tap[None, :] + k[:, None] * swk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(DX + (n * sxn + ih * sxh + iw * sxw)[:, None] + ((g * CG + cols) * sxc)[None, :],
+             acc.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def conv2d_bwd_weight_kernel(
+    DZ,  # (N, K, OH, OW), strides szn, szc, szh, szw
+    X,  # (N, C, H, W), strides sxn, sxc, sxh, sxw
+    DW,  # fp32 partials (splits, K, Cg, R, S) contiguous, or the weight gradient when splits == 1
+    N, H, W, OH, OW, CG, KG, R, S,
+    szn, szc, szh, szw, sxn, sxc, sxh, sxw, swk, swc, swr, sws,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    pix_per_split,  # output pixels each split sums (a multiple of BLOCK_K)
+    split_stride,  # elements between two splits' partials in DW
+    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # program (k tile, c tile, split), tap rs, group g: dw[k, c, r, s] over its pixel range
+    tiles_n = tl.cdiv(CG, BLOCK_N)
+    tiles_m = tl.cdiv(KG, BLOCK_M)
+    pid = tl.program_id(0)
+    tile = pid % (tiles_m * tiles_n)
+    split = (pid // (tiles_m * tiles_n)).to(tl.int64)
+    rs = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    r = rs // S
+    s = rs % S
+    ks = (tile // tiles_n).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cs = (tile % tiles_n).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = ks < KG
+    c_ok = cs < CG
+    P = N * OH * OW
+    dz_col = DZ + (g * KG + ks) * szc
+    x_col = X + (g * CG + cs) * sxc
+    ps = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    p_start = split * pix_per_split
+    for p0 in range(0, pix_per_split, BLOCK_K):
+        p = p_start + p0 + ps
+        p_ok = p < P
+        ow = p % OW
+        t = p // OW
+        oh = t % OH
+        n = t // OH
+        ih = oh * stride_h - pad_h + r * dil_h
+        iw = ow * stride_w - pad_w + s * dil_w
+        x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(dz_col[:, None] + (n * szn + oh * szh + ow * szw)[None, :],
+                    mask=k_ok[:, None] & p_ok[None, :], other=0.0)
+        b = tl.load(x_col[None, :] + (n * sxn + ih * sxh + iw * sxw)[:, None],
+                    mask=x_ok[:, None] & c_ok[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    mask = k_ok[:, None] & c_ok[None, :]
+    tl.store(DW + split * split_stride + ((g * KG + ks) * swk)[:, None] + (cs * swc)[None, :]
+             + r * swr + s * sws, acc.to(DW.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers.
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # F.conv2d obeys cuDNN's switch (torch.backends.cudnn.allow_tf32, on by default), so we do too.
+    if dtype == torch.float32 and (_interpreting() or not torch.backends.cudnn.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+def _block_k(n: int) -> int:
+    """Reduction tile over channels: at least 16 (tl.dot's minimum), at most 64."""
+    return max(16, min(64, triton.next_power_of_2(max(1, n))))
+
+
+def _block_n(n: int, cap: int = 128) -> int:
+    return max(16, min(cap, triton.next_power_of_2(max(1, n))))
+
+
+# Under the interpreter every tl op costs ~0.3 ms whatever its size: tall tiles, few iterations.
+INTERPRETER_CONFIG = {"BLOCK_M": 512, "BLOCK_N": 32, "GROUP_M": 4}
+
+
+def _fwd_configs():
+    def cfg(bm, bn, warps, stages):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+    return [cfg(128, 128, 8, 3), cfg(128, 64, 4, 4), cfg(64, 128, 4, 4), cfg(64, 64, 4, 4),
+            cfg(128, 32, 4, 4), cfg(64, 32, 4, 3), cfg(256, 64, 8, 3)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Column tiles wider than the per-group output channels (rounded up) waste the tile."""
+    kg = named_args["KG"]
+    cap = _block_n(kg)
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= cap]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_fwd():
+    return triton.autotune(configs=_fwd_configs(), key=["M_BUCKET", "KG", "CG", "R", "S", "GRAD", "ACT"],
+                           prune_configs_by={"early_config_prune": _prune})(conv2d_fwd_kernel)
+
+
+def conv2d_fwd(x, w, bias, y, stride, pad, dilation, groups, act: int, negative_slope: float,
+               grad_out=None) -> None:
+    """y = act(conv2d(x, w) + bias); with grad_out: y = grad_out * act'(conv2d(x, w) + bias).
+    x (N, C, H, W), w (K, Cg, R, S), y and grad_out (N, K, OH, OW): any strides.
+    pad: the top/left padding (the bottom/right padding is implied by y's size)."""
+    N, C, H, W = x.shape
+    K, CG, R, S = w.shape
+    OH, OW = y.shape[2], y.shape[3]
+    KG = K // groups
+    M = N * OH * OW
+    if M == 0 or K == 0:
+        return
+    grad = grad_out is not None
+    d = grad_out if grad else y
+    args = (x, w, bias, y, grad_out, N, H, W, OH, OW, CG, KG, R, S, *x.stride(), *w.stride(),
+            *y.stride(), *d.stride(), stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
+            float(negative_slope), triton.next_power_of_2(M))
+    flags = dict(ACT=act, HAS_BIAS=bias is not None, GRAD=grad,
+                 INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_interpreting(),
+                 BLOCK_K=16 if _interpreting() else _block_k(CG))
+    if _interpreting():
+        c = INTERPRETER_CONFIG
+        grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(KG, c["BLOCK_N"]), groups)
+        conv2d_fwd_kernel[grid](*args, **flags, **c)
+        return
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), groups)
+    _tuned_fwd()[grid](*args, **flags)
+
+
+def conv2d_bwd_input(dz, w, dx, stride, pad, dilation, groups) -> None:
+    """dx (N, C, H, W) from dz (N, K, OH, OW) and w (K, Cg, R, S); any strides."""
+    N, C, H, W = dx.shape
+    K, CG, R, S = w.shape
+    OH, OW = dz.shape[2], dz.shape[3]
+    KG = K // groups
+    M = N * H * W
+    if M == 0 or C == 0:
+        return
+    if K == 0 or OH == 0 or OW == 0:
+        dx.zero_()
+        return
+    if _interpreting():
+        bm, bn, bk, warps, stages = 512, 16, 16, 4, 1
+    else:
+        bm, bn, bk, warps, stages = 128, _block_n(CG, 64), _block_k(KG), 4, 3
+    grid = (triton.cdiv(M, bm) * triton.cdiv(CG, bn), groups)
+    conv2d_bwd_input_kernel[grid](
+        dz, w, dx, N, H, W, OH, OW, CG, KG, R, S, *dz.stride(), *w.stride(), *dx.stride(),
+        stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
+        INPUT_PRECISION=_input_precision(dz.dtype), DOT_FP32=_interpreting(),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+
+def conv2d_bwd_weight(dz, x, w_shape, stride, pad, dilation, groups, dtype) -> torch.Tensor:
+    """dw (K, Cg, R, S), contiguous, in `dtype`, from dz (N, K, OH, OW) and x (N, C, H, W)."""
+    N, C, H, W = x.shape
+    K, CG, R, S = w_shape
+    OH, OW = dz.shape[2], dz.shape[3]
+    KG = K // groups
+    P = N * OH * OW
+    if K == 0 or CG == 0:
+        return empty(w_shape, dtype, x.device)
+    if P == 0:
+        return torch.zeros(w_shape, dtype=dtype, device=x.device)
+    if _interpreting():
+        bm, bn, bk, warps, stages = 16, 16, 512, 4, 1
+    else:
+        bm, bn, bk, warps, stages = _block_n(KG, 64), _block_n(CG, 64), 64, 4, 3
+    tiles = triton.cdiv(KG, bm) * triton.cdiv(CG, bn) * R * S * groups
+    chunks = triton.cdiv(P, bk)
+    if _interpreting():
+        splits = 1
+    else:  # enough programs to fill the GPU, each summing at least 8 pixel chunks
+        from dlh_kernels._ext import sm_count
+        want = 2 * sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        splits = max(1, min(triton.cdiv(want, tiles), chunks // 8))
+    per_split = triton.cdiv(chunks, splits) * bk
+    splits = triton.cdiv(P, per_split)
+    if splits == 1 and dtype == torch.float32:
+        out = empty(w_shape, torch.float32, x.device)
+        part = out
+    else:
+        part = empty((splits,) + tuple(w_shape), torch.float32, x.device)
+        out = None
+    grid = (triton.cdiv(KG, bm) * triton.cdiv(CG, bn) * splits, R * S, groups)
+    conv2d_bwd_weight_kernel[grid](
+        dz, x, part, N, H, W, OH, OW, CG, KG, R, S, *dz.stride(), *x.stride(),
+        CG * R * S, R * S, S, 1, stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
+        per_split, K * CG * R * S,
+        INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_interpreting(),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    if out is not None:
+        return out
+    return part.sum(0).to(dtype)
