@@ -52,11 +52,8 @@ import triton
 import triton.language as tl
 
 from dlh_kernels._alloc import empty
+from dlh_kernels.triton_kernels.common import gelu_fp32, gelu_grad_fp32, grouped_tile
 
-SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
-INV_SQRT_2 = tl.constexpr(0.7071067811865476)
-INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-TANH_CUBIC = tl.constexpr(0.044715)
 
 # activation codes, shared with the glue and csrc/conv2d.cu
 ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4, "leaky_relu": 5}
@@ -76,18 +73,11 @@ def _epilogue(acc, dy, slope, ACT: tl.constexpr, GRAD: tl.constexpr):
             out = dy * sg * (1.0 + acc * (1.0 - sg))
         else:
             out = acc * sg
-    elif ACT == 3:
+    elif ACT == 3 or ACT == 4:  # gelu (erf), gelu (tanh)
         if GRAD:
-            out = dy * (0.5 * (1.0 + tl.erf(acc * INV_SQRT_2)) + acc * tl.exp(-0.5 * acc * acc) * INV_SQRT_2PI)
+            out = dy * gelu_grad_fp32(acc, ACT == 4)
         else:
-            out = 0.5 * acc * (1.0 + tl.erf(acc * INV_SQRT_2))
-    elif ACT == 4:
-        u = SQRT_2_OVER_PI * (acc + TANH_CUBIC * acc * acc * acc)
-        sg = tl.sigmoid(2.0 * u)
-        if GRAD:
-            out = dy * (sg + 2.0 * acc * sg * (1.0 - sg) * SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_CUBIC * acc * acc))
-        else:
-            out = acc * sg
+            out = gelu_fp32(acc, ACT == 4)
     elif ACT == 5:
         if GRAD:
             out = tl.where(acc > 0, dy, dy * slope)
@@ -117,16 +107,9 @@ def conv2d_fwd_kernel(
     INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     M = N * OH * OW
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(KG, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(KG, BLOCK_N), GROUP_M)
 
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)

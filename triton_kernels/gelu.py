@@ -43,35 +43,11 @@ import triton
 import triton.language as tl
 
 from dlh_kernels._alloc import empty
+from dlh_kernels.triton_kernels.common import gelu_fp32, gelu_grad_fp32, grouped_tile
 
-SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
-INV_SQRT_2 = tl.constexpr(0.7071067811865476)
-INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-TANH_CUBIC = tl.constexpr(0.044715)
 # Elements one program of an elementwise kernel handles: 8 KB of bf16 in, enough independent
 # loads per thread (32 with 4 warps) to cover memory latency.
 TILE = 4096
-
-
-@triton.jit
-def gelu_fp32(z, TANH: tl.constexpr):
-    """gelu(z) of an fp32 tile."""
-    if TANH:
-        u = SQRT_2_OVER_PI * (z + TANH_CUBIC * z * z * z)
-        return z * tl.sigmoid(2.0 * u)
-    else:
-        return 0.5 * z * (1.0 + tl.erf(z * INV_SQRT_2))
-
-
-@triton.jit
-def gelu_grad_fp32(z, TANH: tl.constexpr):
-    """gelu'(z) of an fp32 tile."""
-    if TANH:
-        u = SQRT_2_OVER_PI * (z + TANH_CUBIC * z * z * z)
-        s = tl.sigmoid(2.0 * u)
-        return s + 2.0 * z * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * TANH_CUBIC * z * z)
-    else:
-        return 0.5 * (1.0 + tl.erf(z * INV_SQRT_2)) + z * tl.exp(-0.5 * z * z) * INV_SQRT_2PI
 
 
 @triton.jit
@@ -192,14 +168,7 @@ def linear_gelu_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles share each column tile of W while it is in L2.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
