@@ -486,6 +486,22 @@ class MatmulSweep(Sweep):
         return {"p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "flops": work, "tflops": tflops,
                 "pct_matmul": 100 * tflops / self.matmul_tflops}
 
+    def add_time_ratio(self, base_provider: str, key: Callable[[dict], tuple], column: str) -> None:
+        """rows[column] = the row's p50 over the p50 of ``base_provider``'s row with the same
+        ``key`` (None where that provider has no row): the "within x% of the baseline" view."""
+        base = {key(r): r["p50_ms"] for r in self.rows if r["provider"] == base_provider}
+        for r in self.rows:
+            r[column] = r["p50_ms"] / base[key(r)] if key(r) in base else None
+
+    def plot(self, meta: dict, out: Path) -> None:
+        """One panel per mode: TFLOP/s against the call's useful FLOPs, a line per provider
+        (attention draws its own, against sequence length)."""
+        plot_lines(
+            self.rows, out / f"{self.name}.png", panel=lambda r: f"{self.name} {r['mode']}",
+            series="provider", x="flops", y="tflops", xlabel="useful FLOPs per call",
+            ylabel="TFLOP/s", hline=self.matmul_tflops, hline_label="matmul ceiling (8192^3)",
+            title=self.title(meta))
+
 
 def copy_launches(nbytes: list[int], device: str = "cuda") -> tuple[Callable[[], object], list]:
     """Device copies moving ``nbytes[i]`` bytes in launch i (a copy reads n / 2 and writes n / 2),

@@ -198,17 +198,8 @@ class Sweep(common.MatmulSweep):
         torch.cuda.empty_cache()
 
     def save(self, meta: dict, out: Path) -> None:
-        base = {_key(r): r["p50_ms"] for r in self.rows if r["provider"] == BARE}
-        for r in self.rows:
-            r["time_vs_cudnn"] = r["p50_ms"] / base[_key(r)] if _key(r) in base else None
+        self.add_time_ratio(BARE, _key, "time_vs_cudnn")
         super().save(meta, out)
-
-    def plot(self, meta: dict, out: Path) -> None:
-        common.plot_lines(
-            self.rows, out / "conv2d.png", panel=lambda r: f"conv2d {r['mode']}",
-            series="provider", x="flops", y="tflops", xlabel="useful FLOPs per call",
-            ylabel="TFLOP/s", hline=self.matmul_tflops, hline_label="matmul ceiling (8192^3)",
-            title=self.title(meta))
 
 
 def _key(r: dict) -> tuple:

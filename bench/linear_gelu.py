@@ -184,17 +184,8 @@ class Sweep(common.MatmulSweep):
 
     def save(self, meta: dict, out: Path) -> None:
         # each row's time over the bare matmul's on the same shape: the "within 10%" target
-        bare = {_key(r): r["p50_ms"] for r in self.rows if r["provider"] == BARE}
-        for r in self.rows:
-            r["time_vs_bare_linear"] = r["p50_ms"] / bare[_key(r)] if _key(r) in bare else None
+        self.add_time_ratio(BARE, _key, "time_vs_bare_linear")
         super().save(meta, out)
-
-    def plot(self, meta: dict, out: Path) -> None:
-        common.plot_lines(
-            self.rows, out / "linear_gelu.png", panel=lambda r: f"linear_gelu {r['mode']}",
-            series="provider", x="flops", y="tflops", xlabel="useful FLOPs per call",
-            ylabel="TFLOP/s", hline=self.matmul_tflops, hline_label="matmul ceiling (8192^3)",
-            title=self.title(meta))
 
 
 def _key(r: dict) -> tuple:
