@@ -3,6 +3,8 @@
 Providers, side by side on the same inputs (B, H, L, D), self-attention (S = L):
   dlh-triton            DF.scaled_dot_product_attention(..., backend="triton")
   dlh-triton-atomic-dq  the same with the atomic-dQ backward (bwd only: the forward is the same)
+  dlh-cuda              DF.scaled_dot_product_attention(..., backend="cuda"): csrc/attention.cu,
+                        mma.sync m16n8k16 + cp.async (fp16/bf16, head dims 32..256, backward <= 128)
   sdpa-flash            F.scaled_dot_product_attention under sdpa_kernel(FLASH_ATTENTION)
   sdpa-efficient        ... EFFICIENT_ATTENTION (xFormers' memory-efficient kernel)
   sdpa-cudnn            ... CUDNN_ATTENTION
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from . import common
 
 DTYPES = common.DTYPES
-PROVIDERS = ("dlh-triton", "dlh-triton-atomic-dq", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
+PROVIDERS = ("dlh-triton", "dlh-triton-atomic-dq", "dlh-cuda", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
              "sdpa-math", "torch.compile")
 BWD_ONLY = {"dlh-triton-atomic-dq"}
 QUADRATIC = {"sdpa-math", "torch.compile"}   # hold the L x S scores in memory
@@ -65,13 +67,13 @@ def flops(mode: str, B: int, H: int, L: int, S: int, D: int, causal: bool) -> fl
 # ---------------------------------------------------------------------------------------------
 # Providers
 
-def _dlh(atomic_dq: bool = False) -> Provider:
-    DF = common.dlh_functional("triton")
+def _dlh(atomic_dq: bool = False, backend: str = "triton") -> Provider:
+    DF = common.dlh_functional(backend)
     if isinstance(DF, str):
         return DF
 
     def run(q, k, v, causal):
-        return DF.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="triton")
+        return DF.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=backend)
     return _AtomicDQ(run) if atomic_dq else run
 
 
@@ -133,6 +135,7 @@ def providers() -> dict[str, Provider]:
     return {
         "dlh-triton": _dlh(),
         "dlh-triton-atomic-dq": _dlh(atomic_dq=True),
+        "dlh-cuda": _dlh(backend="cuda"),
         "sdpa-flash": _sdpa("FLASH_ATTENTION"),
         "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
         "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),

@@ -180,6 +180,38 @@ struct Conv2dFwdArgs {
 };
 void conv2d_fwd(const Conv2dFwdArgs& args);
 
+// attention.cu: scaled-dot-product attention on fp16/bf16 tensor cores (sm_80+), forward and
+// backward. q (B, Hq, L, D), k/v (B, Hkv, S, D), out (B, Hq, L, D), lse (B, Hq, L) fp32 base-2
+// log-sum-exp (+inf for a row that sees no key); Hq a multiple of Hkv (grouped heads). strides:
+// (batch, head, seq) per tensor in elements, the head dim contiguous; then the mask's (batch,
+// head, row, col), 0 for broadcast dims. mask_kind: 0 none, 1 bool (1 byte, nonzero attends),
+// 2 fp32 added to the scaled scores. causal: key j attends query i iff j <= i (top-left).
+struct AttentionFwdArgs {
+  std::uintptr_t q, k, v, mask, out, lse;
+  int64_t B, Hq, Hkv, L, S, D;
+  int64_t strides[16];  // q, k, v, out (3 each), mask (4)
+  int mask_kind;
+  float scale;
+  bool causal;
+  int dtype;
+  std::uintptr_t stream;
+};
+// Backward: dq (B, Hq, L, D), dk/dv (B, Hkv, S, D) overwritten (dk/dv summed over each group's
+// query heads); delta: (B, Hq, L) fp32 scratch.
+struct AttentionBwdArgs {
+  std::uintptr_t dout, q, k, v, out, lse, mask, dq, dk, dv, delta;
+  int64_t B, Hq, Hkv, L, S, D;
+  int64_t strides[28];  // dout, q, k, v, out, dq, dk, dv (3 each), mask (4)
+  int mask_kind;
+  float scale;
+  bool causal;
+  int dtype;
+  std::uintptr_t stream;
+};
+bool attention_head_dim_supported(int64_t D, bool backward);
+void attention_fwd(const AttentionFwdArgs& args);
+void attention_bwd(const AttentionBwdArgs& args);
+
 }  // namespace dlh
 
 #ifdef __CUDACC__

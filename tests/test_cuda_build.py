@@ -481,7 +481,12 @@ EMU_HEADER = r"""
 #define __forceinline__ inline
 #define __CUDACC__ 1
 namespace emu {
-struct Warp { float vals[32]; std::unique_ptr<std::barrier<>> bar; };
+struct Warp {
+  float vals[32];
+  const void* ptrs[32];   // ldmatrix row addresses (mma emulation)
+  unsigned words[32][6];  // mma operand fragments (mma emulation)
+  std::unique_ptr<std::barrier<>> bar;
+};
 struct Block { std::unique_ptr<std::barrier<>> bar; std::vector<Warp> warps; };
 inline Block* block_state = nullptr;
 inline thread_local int lane, warp;
@@ -532,9 +537,11 @@ extern "C" const char* cudaGetErrorString(cudaError_t) { return "no error"; }
 extern "C" int emu_sm_count = 3;
 extern "C" cudaError_t cudaGetDevice(int* device) { *device = 0; return cudaSuccess; }
 extern "C" cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrMultiProcessorCount ? emu_sm_count : 0;
+  *value = attr == cudaDevAttrMultiProcessorCount ? emu_sm_count
+           : attr == cudaDevAttrComputeCapabilityMajor ? 8 : 0;
   return cudaSuccess;
 }
+extern "C" cudaError_t cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int) { return cudaSuccess; }
 extern "C" cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int, size_t) {
   *blocks = 1;
   return cudaSuccess;
@@ -632,8 +639,9 @@ class _EmulatedExt:
         self._call(self.lib.emu_norm_bwd, self.Bwd(**kw, stream=0))
 
 
-def _build_emulated(tmp_path_factory, cu_name, exports, min_launches, defines=()):
-    """Compiles csrc/<cu_name> with the CUDA emulation into a shared library; returns its ctypes.CDLL."""
+def _build_emulated(tmp_path_factory, cu_name, exports, min_launches, defines=(), header_extra=""):
+    """Compiles csrc/<cu_name> with the CUDA emulation (plus header_extra) into a shared library;
+    returns its ctypes.CDLL."""
     import ctypes
 
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
@@ -647,7 +655,7 @@ def _build_emulated(tmp_path_factory, cu_name, exports, min_launches, defines=()
                            input="#include <barrier>\n", capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"{cxx} lacks C++20 <barrier>")
-    (work / "emu.h").write_text(EMU_HEADER)
+    (work / "emu.h").write_text(EMU_HEADER + header_extra)
     stem = Path(cu_name).stem
     source = work / f"{stem}_emu.cpp"
     source.write_text(_emulated_source((CSRC / cu_name).read_text(), exports, min_launches))

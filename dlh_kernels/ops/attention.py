@@ -1,6 +1,6 @@
 """Scaled-dot-product attention: reference, torch ops, public function.
 
-The kernels live in ``triton_kernels/attention.py`` (a CUDA C++ kernel is a later issue). This
+The kernels live in ``triton_kernels/attention.py`` and ``csrc/attention.cu``. This
 module declares ``torch.ops.dlh.attention`` (forward: output and the per-row log-sum-exp) and
 ``torch.ops.dlh.attention_backward`` (dQ, dK, dV and the additive mask's gradient), and
 `scaled_dot_product_attention`, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
@@ -127,8 +127,66 @@ def _triton_fwd(q, k, v, mask, seed, dropout_p, is_causal, scale):
     return out, lse
 
 
-def _cuda_unavailable(*args):
-    raise RuntimeError("dlh.attention: no CUDA C++ attention kernel yet")
+# The CUDA C++ kernels (csrc/attention.cu): fp16/bf16 on tensor cores, sm_80+.
+_CUDA_HEAD_DIMS_FWD = (32, 64, 96, 128, 256)
+_CUDA_HEAD_DIMS_BWD = (32, 64, 96, 128)
+
+
+def _cuda_operand(t: torch.Tensor) -> torch.Tensor:
+    """t itself when cp.async can read its rows (unit stride along the head dim, a row stride of a
+    multiple of 8 elements, 16-byte aligned), else a contiguous copy."""
+    if t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 and s >= 0 for s in _strides3(t)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _strides3(t: torch.Tensor):
+    """(batch, head, seq) strides, 0 for a dim of size 1 (its stride is never used)."""
+    return [t.stride(d) if t.size(d) > 1 else 0 for d in range(3)]
+
+
+def _cuda_mask(mask):
+    """(mask in the kernels' form, mask_kind, its 4 strides): bytes for bool, fp32 additive."""
+    if mask is None:
+        return None, 0, [0, 0, 0, 0]
+    if mask.dtype == torch.bool:
+        m, kind = mask.view(torch.uint8), 1
+    else:
+        m, kind = mask.float(), 2
+    return m, kind, [m.stride(d) if m.size(d) > 1 else 0 for d in range(4)]
+
+
+def _cuda_fwd(q, k, v, mask, seed, dropout_p, is_causal, scale):
+    from .. import _ext
+    q, k, v = (_cuda_operand(t) for t in (q, k, v))
+    B, Hq, L, D = q.shape
+    out = _alloc.empty((B, Hq, L, D), q.dtype, q.device)
+    lse = _alloc.empty((B, Hq, L), torch.float32, q.device)
+    m, kind, mstrides = _cuda_mask(mask)
+    strides = _strides3(q) + _strides3(k) + _strides3(v) + _strides3(out) + mstrides
+    _ext.ext().attention_fwd(_ext.ptr(q), _ext.ptr(k), _ext.ptr(v), _ext.ptr(m), _ext.ptr(out), _ext.ptr(lse),
+                             B, Hq, k.shape[1], L, k.shape[2], D, strides, kind, scale, is_causal,
+                             _ext.DTYPE_CODE[q.dtype], _ext.stream_handle(q.device))
+    return out, lse
+
+
+def _cuda_bwd(do, q, k, v, out, lse, mask, seed, dropout_p, is_causal, scale, mask_grad, deterministic):
+    from .. import _ext
+    do, q, k, v = (_cuda_operand(t) for t in (do, q, k, v))
+    out = out if out.stride(3) == 1 and out.stride(2) % 2 == 0 else out.contiguous()
+    B, Hq, L, D = q.shape
+    dq = _alloc.empty(q.shape, q.dtype, q.device)
+    dk = _alloc.empty(k.shape, k.dtype, k.device)
+    dv = _alloc.empty(v.shape, v.dtype, v.device)
+    delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    m, kind, mstrides = _cuda_mask(mask)
+    strides = sum((_strides3(t) for t in (do, q, k, v, out, dq, dk, dv)), []) + mstrides
+    _ext.ext().attention_bwd(_ext.ptr(do), _ext.ptr(q), _ext.ptr(k), _ext.ptr(v), _ext.ptr(out),
+                             _ext.ptr(lse.contiguous()), _ext.ptr(m), _ext.ptr(dq), _ext.ptr(dk),
+                             _ext.ptr(dv), _ext.ptr(delta), B, Hq, k.shape[1], L, k.shape[2], D, strides,
+                             kind, scale, is_causal, _ext.DTYPE_CODE[q.dtype],
+                             _ext.stream_handle(q.device))
+    return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
 
 
 def _reduce_to(t: torch.Tensor, shape) -> torch.Tensor:
@@ -172,8 +230,8 @@ def _triton_bwd(do, q, k, v, out, lse, mask, seed, dropout_p, is_causal, scale, 
     return dq, dk, dv, (dmask if mask_grad else q.new_empty(0, dtype=torch.float32))
 
 
-_FWD = {"torch": _torch_fwd, "triton": _triton_fwd, "cuda": _cuda_unavailable}
-_BWD = {"torch": _torch_bwd, "triton": _triton_bwd, "cuda": _cuda_unavailable}
+_FWD = {"torch": _torch_fwd, "triton": _triton_fwd, "cuda": _cuda_fwd}
+_BWD = {"torch": _torch_bwd, "triton": _triton_bwd, "cuda": _cuda_bwd}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +298,8 @@ attention_op = KernelOp(
 
 class _Call:
     """What _check learned about one call: the shapes the canonical views will have."""
-    __slots__ = ("batch", "Hq", "Hkv", "L", "S", "D", "Dv", "squeeze", "repeat_heads", "mask_shape")
+    __slots__ = ("batch", "Hq", "Hkv", "L", "S", "D", "Dv", "squeeze", "repeat_heads", "mask_shape",
+                 "needs_grad")
 
 
 def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> _Call:
@@ -275,6 +334,7 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         raise ValueError(f"dlh.{op}: attn_mask must be None when is_causal=True (as in torch)")
 
     c = _Call()
+    c.needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     c.squeeze = max(query.dim(), key.dim(), value.dim()) == 2
     qs, ks, vs = (t.shape if t.dim() > 2 else (1,) + tuple(t.shape) for t in (query, key, value))
     c.L, c.S, c.D, c.Dv = qs[-2], ks[-2], qs[-1], vs[-1]
@@ -345,7 +405,7 @@ def _supports(query, c: _Call, attn_mask, dropout_p):
         if backend == "torch":
             return None
         if backend == "cuda":
-            return "no CUDA C++ attention kernel yet"
+            return _cuda_cannot(query, c, attn_mask, dropout_p)
         if query.dtype not in _KERNEL_DTYPES:
             return f"the {backend} kernels take float32/float16/bfloat16, not {query.dtype}"
         if not 1 <= c.D <= MAX_HEAD_DIM or not 1 <= c.Dv <= MAX_HEAD_DIM:
@@ -355,6 +415,25 @@ def _supports(query, c: _Call, attn_mask, dropout_p):
             return f"the {backend} kernels take dropout_p < 1 (dropout_p=1 drops everything)"
         return None
     return can
+
+
+def _cuda_cannot(query, c: _Call, attn_mask, dropout_p) -> Optional[str]:
+    """Why the CUDA C++ kernels cannot run this call, or None."""
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return f"the cuda kernels run on fp16/bf16 tensor cores, not {query.dtype}"
+    if c.D != c.Dv:
+        return f"the cuda kernels need value's head dim ({c.Dv}) equal to query's ({c.D})"
+    if c.D not in _CUDA_HEAD_DIMS_FWD:
+        return f"the cuda kernels take head dims {_CUDA_HEAD_DIMS_FWD}, got {c.D}"
+    if dropout_p > 0.0:
+        return "the cuda kernels have no dropout (dropout_p must be 0)"
+    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+        return "the cuda kernels compute no gradient for an additive mask"
+    if c.D not in _CUDA_HEAD_DIMS_BWD and c.needs_grad:
+        return f"the cuda backward takes head dims {_CUDA_HEAD_DIMS_BWD}, got {c.D} (forward only: no grad)"
+    if query.is_cuda and torch.cuda.get_device_capability(query.device)[0] < 8:
+        return "the cuda kernels need compute capability 8.0 or newer (mma.sync m16n8k16)"
+    return None
 
 
 def _pick(backend, query, c, attn_mask, dropout_p):

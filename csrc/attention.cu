@@ -1,0 +1,819 @@
+// attention.cu: fused scaled-dot-product attention on tensor cores (sm_80+), forward and backward.
+//
+// The FlashAttention-2 organisation, written for mma.sync.m16n8k16 (fp16/bf16 in, fp32 accumulate):
+//
+// forward (attention_fwd_kernel): a block of 4 warps owns BM = 64 query rows of one (batch, head),
+//   16 rows per warp. Its Q tile stays in shared memory (and, for head dims <= 128, in registers);
+//   K and V tiles of BN keys stream through two shared-memory buffers with cp.async, the next tile
+//   loading while the current one is used. S = Q K^T and O += P V run on tensor cores; the softmax
+//   is online, in registers, in base 2 (scores pre-multiplied by scale * log2 e, exp2); P goes from
+//   the S accumulators straight into the A operand of P V (same thread owns the same elements).
+//   The row's log-sum-exp (base 2) is written for the backward; a row that sees no key gets zeros
+//   and lse = +inf. Causal: key tiles past the block's last row are never loaded.
+// backward, deterministic, in three kernels (no atomics, no fp32 dQ scratch):
+//   attention_delta_kernel   delta = rowsum(dO * O) (fp32), one warp per row;
+//   attention_dkdv_kernel    a block owns BN = 64 keys of one (batch, K/V head) and loops over
+//                            every query head of its GQA group and every query tile, recomputing
+//                            P^T = exp2(S^T - lse) and accumulating dV += P^T dO and
+//                            dK += dS^T Q in registers, dS^T = P^T * (dP^T - delta);
+//   attention_dq_kernel      a block owns BM query rows and loops over key tiles (the forward's
+//                            shape), accumulating dQ += dS K in registers.
+//   Computing dQ in its own pass costs two extra matmuls (S and dP again) against the
+//   FlashAttention-2 scheme of atomically adding dQ from the dK/dV blocks; in exchange dQ is
+//   bitwise reproducible (as the Triton backend's default), there is no (B, H, L, D) fp32
+//   buffer and no contention on it.
+//
+// Shared-memory tiles hold rows of D + 8 elements: the 16-byte pad shifts consecutive rows by
+// four banks, so the eight row addresses of every ldmatrix hit distinct banks, for each head dim.
+// Masks (optional): bool (one byte per element, nonzero = attend) or fp32 additive, of any
+// broadcast shape through four strides (0 for broadcast dims); read per element, in the epilogue.
+// Head dims: 32, 64, 96, 128, 256 forward; up to 128 backward (dK and dV for 256 would not fit
+// in registers). Q, K, V need unit stride along the head dim, row strides that are multiples of
+// 8 elements and 16-byte aligned bases (cp.async moves 16 bytes); the Python glue copies
+// anything else.
+#include <climits>
+#include <type_traits>
+
+#include "common.cuh"
+#include "mma.cuh"
+
+#ifndef DLH_DYNAMIC_SMEM
+#define DLH_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+namespace dlh {
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps, 16 rows each
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kInf = __builtin_huge_valf();
+
+struct AttnParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* mask;  // nullptr: none
+  void* out;
+  float* lse;          // forward output, (B, Hq, L) contiguous
+  const void* dout;    // backward inputs
+  const float* lse_in;
+  float* delta;        // (B, Hq, L) contiguous, written by the delta kernel
+  void* dq;
+  void* dk;
+  void* dv;
+  // (batch, head, seq) strides in elements; the head dim has stride 1
+  int64_t sq[3], sk[3], sv[3], so[3], sdo[3], sdq[3], sdk[3], sdv[3];
+  int64_t sm[4];  // mask (batch, head, row, col)
+  int B, Hq, Hkv, L, S, group, mask_kind, blocks_per_head;
+  float scale, scale_log2;
+  bool causal;
+};
+
+__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
+
+// ---- shared-memory tiles ---------------------------------------------------------------------------
+// Rows [row0, row0 + ROWS) of a (len x D) matrix at g (row stride ld) into smem (row stride D + 8);
+// rows past len are zero-filled. Part of the caller's current cp.async group.
+template <int ROWS, int D, typename T>
+__device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t ld, int row0, int len) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < ROWS * kChunks; i += kThreads) {
+    const int r = i / kChunks, c = i % kChunks;
+    const bool valid = row0 + r < len;
+    const T* src = valid ? g + static_cast<int64_t>(row0 + r) * ld + c * 8 : g;
+    cp_async16(smem + r * (D + 8) + c * 8, src, valid);
+  }
+}
+
+// A operand (16 x 16) at rows m0.., cols k0.. of a row-major tile [m][k].
+template <int LD, typename T>
+__device__ __forceinline__ void load_a(unsigned* a, const T* s, int m0, int k0) {
+  const int l = lane_id();
+  ldmatrix_x4(a, s + (m0 + (l & 7) + ((l >> 3) & 1) * 8) * LD + k0 + (l >> 4) * 8);
+}
+
+// B operands of two n-tiles (n0.., n0+8..) x k16 (k0..) from a tile stored as B^T, row-major [n][k]:
+// b[0..1] for n-tile n0, b[2..3] for n0 + 8.
+template <int LD, typename T>
+__device__ __forceinline__ void load_b_nk(unsigned* b, const T* s, int n0, int k0) {
+  const int l = lane_id();
+  ldmatrix_x4(b, s + (n0 + (l & 7) + (l >> 4) * 8) * LD + k0 + ((l >> 3) & 1) * 8);
+}
+
+// The same from a tile stored as B, row-major [k][n] (transposing load).
+template <int LD, typename T>
+__device__ __forceinline__ void load_b_kn(unsigned* b, const T* s, int k0, int n0) {
+  const int l = lane_id();
+  ldmatrix_x4_trans(b, s + (k0 + (l & 7) + ((l >> 3) & 1) * 8) * LD + n0 + (l >> 4) * 8);
+}
+
+// A operand k16 chunk kk from a 16 x N fp32 accumulator (two adjacent n-tiles), rounded to T.
+template <typename T>
+__device__ __forceinline__ void acc_to_a(unsigned* a, const float* c0, const float* c1) {
+  a[0] = pack2<T>(c0[0], c0[1]);
+  a[1] = pack2<T>(c0[2], c0[3]);
+  a[2] = pack2<T>(c1[0], c1[1]);
+  a[3] = pack2<T>(c1[2], c1[3]);
+}
+
+// ---- masking -------------------------------------------------------------------------------------
+// The score of (query row, key col) with everything that masks it applied: -inf past the ends,
+// above the diagonal (causal), where a bool mask is false; plus an additive mask (in base 2).
+// mask points at the (batch, head) slice of the mask.
+__device__ __forceinline__ float masked(const AttnParams& p, const unsigned char* mask, int row, int col,
+                                        float s) {
+  if (row >= p.L || col >= p.S || (p.causal && col > row)) return -kInf;
+  if (p.mask_kind != 0) {
+    const int64_t off = row * p.sm[2] + col * p.sm[3];
+    if (p.mask_kind == 1) {
+      if (!mask[off]) return -kInf;
+    } else {
+      s += reinterpret_cast<const float*>(mask)[off] * kLog2e;
+    }
+  }
+  return s;
+}
+
+// The tile [m0, m0+bm) x [n0, n0+bn) needs no per-element test.
+__device__ __forceinline__ bool interior(const AttnParams& p, int m0, int bm, int n0, int bn) {
+  return p.mask_kind == 0 && m0 + bm <= p.L && n0 + bn <= p.S && (!p.causal || n0 + bn - 1 <= m0);
+}
+
+__device__ __forceinline__ const unsigned char* mask_slice(const AttnParams& p, int b, int h) {
+  if (p.mask_kind == 0) return nullptr;
+  const int64_t elems = b * p.sm[0] + h * p.sm[1];
+  return static_cast<const unsigned char*>(p.mask) + elems * (p.mask_kind == 1 ? 1 : 4);
+}
+
+// Max and sum over the four lanes that share a row (lanes 4g .. 4g+3).
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// The (batch, head, query block) of this block: query blocks fastest, the last (for causal
+// attention the longest) first.
+struct BlockPos {
+  int b, h, blk;
+};
+__device__ __forceinline__ BlockPos block_pos(int heads, int blocks) {
+  const int bid = blockIdx.x;
+  BlockPos pos;
+  pos.blk = blocks - 1 - bid % blocks;
+  pos.h = bid / blocks % heads;
+  pos.b = bid / blocks / heads;
+  return pos;
+}
+
+// =====================================================================================================
+// Forward
+// =====================================================================================================
+template <typename T, int D, int BN, bool Q_IN_REGS>
+__global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnParams p) {
+  constexpr int BM = 64, LD = D + 8;
+  DLH_DYNAMIC_SMEM(smem_raw);
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + BM * LD;      // two buffers of BN rows
+  T* sV = sK + 2 * BN * LD;  // two buffers of BN rows
+
+  const BlockPos pos = block_pos(p.Hq, p.blocks_per_head);
+  const int hk = pos.h / p.group;
+  const int m0 = pos.blk * BM;
+  const int warp = threadIdx.x >> 5, lane = lane_id(), g = lane >> 2, t = lane & 3;
+  const int wm = warp * 16;
+  const T* q = static_cast<const T*>(p.q) + pos.b * p.sq[0] + pos.h * p.sq[1];
+  const T* k = static_cast<const T*>(p.k) + pos.b * p.sk[0] + hk * p.sk[1];
+  const T* v = static_cast<const T*>(p.v) + pos.b * p.sv[0] + hk * p.sv[1];
+  const unsigned char* mask = mask_slice(p, pos.b, pos.h);
+
+  const int n_end = p.causal ? (p.S < m0 + BM ? p.S : m0 + BM) : p.S;
+  const int tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
+
+  load_tile<BM, D>(sQ, q, p.sq[2], m0, p.L);
+  if (tiles > 0) {
+    load_tile<BN, D>(sK, k, p.sk[2], 0, p.S);
+    load_tile<BN, D>(sV, v, p.sv[2], 0, p.S);
+  }
+  cp_async_commit();
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float row_max[2] = {-kInf, -kInf}, row_sum[2] = {0.f, 0.f};
+  unsigned qf[Q_IN_REGS ? D / 16 : 1][4];
+
+  for (int j = 0; j < tiles; ++j) {
+    const int buf = j & 1, n0 = j * BN;
+    if (j + 1 < tiles) {
+      load_tile<BN, D>(sK + (buf ^ 1) * BN * LD, k, p.sk[2], n0 + BN, p.S);
+      load_tile<BN, D>(sV + (buf ^ 1) * BN * LD, v, p.sv[2], n0 + BN, p.S);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // everything but the tile just requested has landed
+    __syncthreads();
+    const T* cK = sK + buf * BN * LD;
+    const T* cV = sV + buf * BN * LD;
+    if (Q_IN_REGS && j == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) load_a<LD>(qf[Q_IN_REGS ? kk : 0], sQ, wm, kk * 16);
+    }
+
+    // S = Q K^T (16 x BN per warp)
+    float s[BN / 8][4];
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      unsigned a_local[4];
+      const unsigned* a = a_local;
+      if constexpr (Q_IN_REGS) a = qf[kk];
+      else load_a<LD>(a_local, sQ, wm, kk * 16);
+#pragma unroll
+      for (int nn = 0; nn < BN / 16; ++nn) {
+        unsigned b[4];
+        load_b_nk<LD>(b, cK, nn * 16, kk * 16);
+        mma16816<T>(s[2 * nn], a, b);
+        mma16816<T>(s[2 * nn + 1], a, b + 2);
+      }
+    }
+
+    // scale, mask, online softmax (rows g and g + 8 of the warp's 16)
+    const bool full = interior(p, m0 + wm, 16, n0, BN);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = m0 + wm + g + 8 * i;
+      float mx = -kInf;
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[nt][2 * i + e];
+          x *= p.scale_log2;
+          if (!full) x = masked(p, mask, row, n0 + nt * 8 + 2 * t + e, x);
+          mx = fmaxf(mx, x);
+        }
+      }
+      const float m_new = fmaxf(row_max[i], quad_max(mx));
+      const float m_use = m_new == -kInf ? 0.f : m_new;  // a row with no key yet: keep zeros
+      const float alpha = exp2f(row_max[i] - m_use);
+      row_max[i] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[nt][2 * i + e];
+          x = exp2f(x - m_use);
+          sum += x;
+        }
+      }
+      row_sum[i] = row_sum[i] * alpha + sum;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        o[dn][2 * i] *= alpha;
+        o[dn][2 * i + 1] *= alpha;
+      }
+    }
+
+    // O += P V
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      unsigned a[4];
+      acc_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dn = 0; dn < D / 16; ++dn) {
+        unsigned b[4];
+        load_b_kn<LD>(b, cV, kk * 16, dn * 16);
+        mma16816<T>(o[2 * dn], a, b);
+        mma16816<T>(o[2 * dn + 1], a, b + 2);
+      }
+    }
+    __syncthreads();  // every warp is done with this buffer before it is refilled
+  }
+  cp_async_wait<0>();
+
+  // O / l and the log-sum-exp; rows without any key: zeros and +inf
+  T* out = static_cast<T*>(p.out) + pos.b * p.so[0] + pos.h * p.so[1];
+  float* lse = p.lse + (static_cast<int64_t>(pos.b) * p.Hq + pos.h) * p.L;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = m0 + wm + g + 8 * i;
+    const float l = quad_sum(row_sum[i]);
+    if (row >= p.L) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    T* orow = out + row * p.so[2];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+      *reinterpret_cast<unsigned*>(orow + dn * 8 + 2 * t) = pack2<T>(o[dn][2 * i] * inv, o[dn][2 * i + 1] * inv);
+    if (t == 0) lse[row] = l > 0.f ? row_max[i] + log2f(l) : kInf;
+  }
+}
+
+// =====================================================================================================
+// Backward
+// =====================================================================================================
+
+// delta[row] = sum_d dO[row, d] * O[row, d] in fp32: one warp per row of (B, Hq, L).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) attention_delta_kernel(const AttnParams p, int D) {
+  const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.L;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const int i = static_cast<int>(row % p.L);
+  const int h = static_cast<int>(row / p.L % p.Hq);
+  const int b = static_cast<int>(row / p.L / p.Hq);
+  const T* dout = static_cast<const T*>(p.dout) + b * p.sdo[0] + h * p.sdo[1] + i * p.sdo[2];
+  const T* out = static_cast<const T*>(p.out) + b * p.so[0] + h * p.so[1] + i * p.so[2];
+  float acc = 0.f;
+  for (int d = lane_id(); d < D; d += 32) acc += to_float(dout[d]) * to_float(out[d]);
+  acc = warp_sum(acc);
+  if (lane_id() == 0) p.delta[row] = acc;
+}
+
+// dK, dV for BN = 64 keys of one (batch, K/V head): every query head of the group, every query tile.
+template <typename T, int D, int BM>
+__global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnParams p) {
+  constexpr int BN = 64, LD = D + 8;
+  DLH_DYNAMIC_SMEM(smem_raw);
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + BN * LD;
+  T* sQ = sV + BN * LD;         // two buffers of BM rows
+  T* sdO = sQ + 2 * BM * LD;    // two buffers of BM rows
+  float* sL = reinterpret_cast<float*>(sdO + 2 * BM * LD);  // lse, two buffers
+  float* sD = sL + 2 * BM;                                  // delta, two buffers
+
+  const BlockPos pos = block_pos(p.Hkv, p.blocks_per_head);
+  const int n0 = pos.blk * BN;
+  const int warp = threadIdx.x >> 5, lane = lane_id(), g = lane >> 2, t = lane & 3;
+  const int wn = warp * 16;
+  const T* k = static_cast<const T*>(p.k) + pos.b * p.sk[0] + pos.h * p.sk[1];
+  const T* v = static_cast<const T*>(p.v) + pos.b * p.sv[0] + pos.h * p.sv[1];
+
+  // query tiles that see these keys: all, or (causal) those with a row >= n0
+  const int m_tiles = (p.L + BM - 1) / BM;
+  const int first = p.causal ? (n0 / BM < m_tiles ? n0 / BM : m_tiles) : 0;
+  const int per_head = m_tiles - first;
+  const int steps = per_head * p.group;
+
+  // issue the loads of step `it` (query head, query tile) into buffer `buf`
+  auto fetch = [&](int it, int buf) {
+    const int h = pos.h * p.group + it / per_head;
+    const int m0 = (first + it % per_head) * BM;
+    const T* q = static_cast<const T*>(p.q) + pos.b * p.sq[0] + h * p.sq[1];
+    const T* dout = static_cast<const T*>(p.dout) + pos.b * p.sdo[0] + h * p.sdo[1];
+    load_tile<BM, D>(sQ + buf * BM * LD, q, p.sq[2], m0, p.L);
+    load_tile<BM, D>(sdO + buf * BM * LD, dout, p.sdo[2], m0, p.L);
+    const int64_t rows = (static_cast<int64_t>(pos.b) * p.Hq + h) * p.L;
+    for (int r = threadIdx.x; r < BM; r += kThreads) {
+      const bool in = m0 + r < p.L;
+      sL[buf * BM + r] = in ? p.lse_in[rows + m0 + r] : kInf;
+      sD[buf * BM + r] = in ? p.delta[rows + m0 + r] : 0.f;
+    }
+  };
+
+  load_tile<BN, D>(sK, k, p.sk[2], n0, p.S);
+  load_tile<BN, D>(sV, v, p.sv[2], n0, p.S);
+  if (steps > 0) fetch(0, 0);
+  cp_async_commit();
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+
+  for (int it = 0; it < steps; ++it) {
+    const int buf = it & 1;
+    const int h = pos.h * p.group + it / per_head;
+    const int m0 = (first + it % per_head) * BM;
+    if (it + 1 < steps) fetch(it + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* cQ = sQ + buf * BM * LD;
+    const T* cdO = sdO + buf * BM * LD;
+    const float* cL = sL + buf * BM;
+    const float* cD = sD + buf * BM;
+    const unsigned char* mask = mask_slice(p, pos.b, h);
+
+    // S^T = K Q^T and dP^T = V dO^T (16 keys x BM queries per warp)
+    float st[BM / 8][4], dpt[BM / 8][4];
+#pragma unroll
+    for (int i = 0; i < BM / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      unsigned ak[4], av[4];
+      load_a<LD>(ak, sK, wn, kk * 16);
+      load_a<LD>(av, sV, wn, kk * 16);
+#pragma unroll
+      for (int nn = 0; nn < BM / 16; ++nn) {
+        unsigned b[4];
+        load_b_nk<LD>(b, cQ, nn * 16, kk * 16);
+        mma16816<T>(st[2 * nn], ak, b);
+        mma16816<T>(st[2 * nn + 1], ak, b + 2);
+        load_b_nk<LD>(b, cdO, nn * 16, kk * 16);
+        mma16816<T>(dpt[2 * nn], av, b);
+        mma16816<T>(dpt[2 * nn + 1], av, b + 2);
+      }
+    }
+
+    // P^T = exp2(S^T - lse), dS^T = P^T (dP^T - delta)
+    const bool full = interior(p, m0, BM, n0 + wn, 16);
+#pragma unroll
+    for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = n0 + wn + g + (e >> 1) * 8;
+        const int col = nt * 8 + 2 * t + (e & 1);
+        float x = st[nt][e] * p.scale_log2;
+        if (!full) x = masked(p, mask, m0 + col, key, x);
+        const float pr = exp2f(x - cL[col]);
+        st[nt][e] = pr;
+        dpt[nt][e] = pr * (dpt[nt][e] - cD[col]);
+      }
+    }
+
+    // dV += P^T dO, dK += dS^T Q
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      unsigned ap[4], ads[4];
+      acc_to_a<T>(ap, st[2 * kk], st[2 * kk + 1]);
+      acc_to_a<T>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+      for (int dn = 0; dn < D / 16; ++dn) {
+        unsigned b[4];
+        load_b_kn<LD>(b, cdO, kk * 16, dn * 16);
+        mma16816<T>(dv[2 * dn], ap, b);
+        mma16816<T>(dv[2 * dn + 1], ap, b + 2);
+        load_b_kn<LD>(b, cQ, kk * 16, dn * 16);
+        mma16816<T>(dk[2 * dn], ads, b);
+        mma16816<T>(dk[2 * dn + 1], ads, b + 2);
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  T* dkp = static_cast<T*>(p.dk) + pos.b * p.sdk[0] + pos.h * p.sdk[1];
+  T* dvp = static_cast<T*>(p.dv) + pos.b * p.sdv[0] + pos.h * p.sdv[1];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int key = n0 + wn + g + 8 * i;
+    if (key >= p.S) continue;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      const int col = dn * 8 + 2 * t;
+      *reinterpret_cast<unsigned*>(dkp + key * p.sdk[2] + col) =
+          pack2<T>(dk[dn][2 * i] * p.scale, dk[dn][2 * i + 1] * p.scale);
+      *reinterpret_cast<unsigned*>(dvp + key * p.sdv[2] + col) = pack2<T>(dv[dn][2 * i], dv[dn][2 * i + 1]);
+    }
+  }
+}
+
+// dQ for BM = 64 query rows of one (batch, query head): the forward's loop over key tiles.
+template <typename T, int D, int BN>
+__global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttnParams p) {
+  constexpr int BM = 64, LD = D + 8;
+  DLH_DYNAMIC_SMEM(smem_raw);
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + BM * LD;
+  T* sK = sdO + BM * LD;     // two buffers of BN rows
+  T* sV = sK + 2 * BN * LD;  // two buffers of BN rows
+
+  const BlockPos pos = block_pos(p.Hq, p.blocks_per_head);
+  const int hk = pos.h / p.group;
+  const int m0 = pos.blk * BM;
+  const int warp = threadIdx.x >> 5, lane = lane_id(), g = lane >> 2, t = lane & 3;
+  const int wm = warp * 16;
+  const T* q = static_cast<const T*>(p.q) + pos.b * p.sq[0] + pos.h * p.sq[1];
+  const T* dout = static_cast<const T*>(p.dout) + pos.b * p.sdo[0] + pos.h * p.sdo[1];
+  const T* k = static_cast<const T*>(p.k) + pos.b * p.sk[0] + hk * p.sk[1];
+  const T* v = static_cast<const T*>(p.v) + pos.b * p.sv[0] + hk * p.sv[1];
+  const unsigned char* mask = mask_slice(p, pos.b, pos.h);
+  const int64_t rows = (static_cast<int64_t>(pos.b) * p.Hq + pos.h) * p.L;
+  float lse[2], delta[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = m0 + wm + g + 8 * i;
+    lse[i] = row < p.L ? p.lse_in[rows + row] : kInf;
+    delta[i] = row < p.L ? p.delta[rows + row] : 0.f;
+  }
+
+  const int n_end = p.causal ? (p.S < m0 + BM ? p.S : m0 + BM) : p.S;
+  const int tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
+  load_tile<BM, D>(sQ, q, p.sq[2], m0, p.L);
+  load_tile<BM, D>(sdO, dout, p.sdo[2], m0, p.L);
+  if (tiles > 0) {
+    load_tile<BN, D>(sK, k, p.sk[2], 0, p.S);
+    load_tile<BN, D>(sV, v, p.sv[2], 0, p.S);
+  }
+  cp_async_commit();
+
+  float dq[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+
+  for (int j = 0; j < tiles; ++j) {
+    const int buf = j & 1, n0 = j * BN;
+    if (j + 1 < tiles) {
+      load_tile<BN, D>(sK + (buf ^ 1) * BN * LD, k, p.sk[2], n0 + BN, p.S);
+      load_tile<BN, D>(sV + (buf ^ 1) * BN * LD, v, p.sv[2], n0 + BN, p.S);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* cK = sK + buf * BN * LD;
+    const T* cV = sV + buf * BN * LD;
+
+    // S = Q K^T and dP = dO V^T (16 x BN per warp)
+    float s[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      unsigned aq[4], ado[4];
+      load_a<LD>(aq, sQ, wm, kk * 16);
+      load_a<LD>(ado, sdO, wm, kk * 16);
+#pragma unroll
+      for (int nn = 0; nn < BN / 16; ++nn) {
+        unsigned b[4];
+        load_b_nk<LD>(b, cK, nn * 16, kk * 16);
+        mma16816<T>(s[2 * nn], aq, b);
+        mma16816<T>(s[2 * nn + 1], aq, b + 2);
+        load_b_nk<LD>(b, cV, nn * 16, kk * 16);
+        mma16816<T>(dp[2 * nn], ado, b);
+        mma16816<T>(dp[2 * nn + 1], ado, b + 2);
+      }
+    }
+
+    // P = exp2(S - lse), dS = P (dP - delta)
+    const bool full = interior(p, m0 + wm, 16, n0, BN);
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e >> 1;
+        float x = s[nt][e] * p.scale_log2;
+        if (!full) x = masked(p, mask, m0 + wm + g + 8 * i, n0 + nt * 8 + 2 * t + (e & 1), x);
+        dp[nt][e] = exp2f(x - lse[i]) * (dp[nt][e] - delta[i]);
+      }
+    }
+
+    // dQ += dS K
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      unsigned a[4];
+      acc_to_a<T>(a, dp[2 * kk], dp[2 * kk + 1]);
+#pragma unroll
+      for (int dn = 0; dn < D / 16; ++dn) {
+        unsigned b[4];
+        load_b_kn<LD>(b, cK, kk * 16, dn * 16);
+        mma16816<T>(dq[2 * dn], a, b);
+        mma16816<T>(dq[2 * dn + 1], a, b + 2);
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  T* dqp = static_cast<T*>(p.dq) + pos.b * p.sdq[0] + pos.h * p.sdq[1];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = m0 + wm + g + 8 * i;
+    if (row >= p.L) continue;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+      *reinterpret_cast<unsigned*>(dqp + row * p.sdq[2] + dn * 8 + 2 * t) =
+          pack2<T>(dq[dn][2 * i] * p.scale, dq[dn][2 * i + 1] * p.scale);
+  }
+}
+
+// =====================================================================================================
+// Host side
+// =====================================================================================================
+
+// Tile shapes per head dim: (forward key tile, dQ key tile, dK/dV query tile).
+constexpr int fwd_bn(int D) { return D <= 128 ? 64 : 32; }
+constexpr int dq_bn(int D) { return D <= 64 ? 64 : 32; }
+constexpr int dkdv_bm(int D) { return D <= 64 ? 64 : 32; }
+
+constexpr int64_t tile_bytes(int rows, int D) { return static_cast<int64_t>(rows) * (D + 8) * 2; }
+constexpr int64_t fwd_smem(int D) { return tile_bytes(64 + 4 * fwd_bn(D), D); }
+constexpr int64_t dq_smem(int D) { return tile_bytes(2 * 64 + 4 * dq_bn(D), D); }
+constexpr int64_t dkdv_smem(int D) { return tile_bytes(2 * 64 + 4 * dkdv_bm(D), D) + 4 * 4 * dkdv_bm(D); }
+
+// Calls f(std::integral_constant<int, D>{}) for a supported head dim.
+template <typename F>
+void dispatch_head_dim(int64_t D, F&& f) {
+  switch (D) {
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 96: f(std::integral_constant<int, 96>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    default: f(std::integral_constant<int, 256>{}); break;
+  }
+}
+
+// Kernels that want more than 48 KiB of shared memory must say so before their launch.
+void allow_smem(const void* kernel, int64_t bytes, const char* name) {
+  if (bytes <= 48 * 1024) return;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err != cudaSuccess) throw std::runtime_error(std::string("dlh::") + name + ": " + cudaGetErrorString(err));
+}
+
+void check_device(const char* fn) {
+  int device = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) throw std::runtime_error(std::string("dlh::") + fn + ": " + cudaGetErrorString(err));
+  if (major < 8)
+    throw std::runtime_error(std::string("dlh::") + fn +
+                             ": the tensor-core attention kernels need compute capability 8.0 or newer");
+}
+
+void check_operand(const char* fn, const char* name, std::uintptr_t ptr, const int64_t* strides) {
+  check_present(fn, name, ptr);
+  check_arg(ptr % 16 == 0, fn, std::string(name) + " must be 16-byte aligned");
+  check_arg(strides[0] % 8 == 0 && strides[1] % 8 == 0 && strides[2] % 8 == 0, fn,
+            std::string(name) + "'s batch, head and sequence strides must be multiples of 8 elements, got " +
+                std::to_string(strides[0]) + ", " + std::to_string(strides[1]) + ", " + std::to_string(strides[2]));
+  check_arg(strides[0] >= 0 && strides[1] >= 0 && strides[2] >= 0, fn,
+            std::string(name) + "'s strides must be >= 0");
+}
+
+void check_sizes(const char* fn, int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t S, int64_t D,
+                 bool backward, int mask_kind, int dtype) {
+  check_arg(dtype == kFloat16 || dtype == kBFloat16, fn,
+            "dtype must be 1 (float16) or 2 (bfloat16): the kernels run on fp16/bf16 tensor cores, got " +
+                std::to_string(dtype));
+  check_arg(attention_head_dim_supported(D, backward), fn,
+            std::string("head dim must be one of 32, 64, 96, 128") + (backward ? "" : ", 256") + ", got " +
+                std::to_string(D));
+  check_arg(B >= 0 && Hq >= 1 && Hkv >= 1 && L >= 0 && S >= 0, fn, "sizes must be >= 0 (heads >= 1)");
+  check_arg(Hq % Hkv == 0, fn,
+            "Hq (" + std::to_string(Hq) + ") must be a multiple of Hkv (" + std::to_string(Hkv) + ")");
+  check_arg(L < INT_MAX / 2 && S < INT_MAX / 2 && B <= INT_MAX && Hq <= INT_MAX, fn,
+            "L and S must be < 2^30, B and H < 2^31");
+  check_arg(mask_kind >= 0 && mask_kind <= 2, fn,
+            "mask_kind must be 0 (none), 1 (bool) or 2 (float32 additive), got " + std::to_string(mask_kind));
+}
+
+AttnParams make_params(int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t S, int mask_kind, std::uintptr_t mask,
+                       const int64_t* mask_strides, float scale, bool causal) {
+  AttnParams p{};
+  p.B = static_cast<int>(B);
+  p.Hq = static_cast<int>(Hq);
+  p.Hkv = static_cast<int>(Hkv);
+  p.L = static_cast<int>(L);
+  p.S = static_cast<int>(S);
+  p.group = static_cast<int>(Hq / Hkv);
+  p.mask_kind = mask ? mask_kind : 0;
+  p.mask = reinterpret_cast<const void*>(mask);
+  for (int d = 0; d < 4; ++d) p.sm[d] = mask_strides[d];
+  p.scale = scale;
+  p.scale_log2 = scale * kLog2e;
+  p.causal = causal;
+  return p;
+}
+
+void copy3(int64_t* dst, const int64_t* src) {
+  for (int d = 0; d < 3; ++d) dst[d] = src[d];
+}
+
+unsigned grid_of(int64_t blocks, const char* fn) {
+  check_arg(blocks <= INT_MAX, fn, "too many blocks (batch * heads * tiles must be < 2^31)");
+  return static_cast<unsigned>(blocks);
+}
+
+}  // namespace
+
+bool attention_head_dim_supported(int64_t D, bool backward) {
+  return D == 32 || D == 64 || D == 96 || D == 128 || (D == 256 && !backward);
+}
+
+void attention_fwd(const AttentionFwdArgs& a) {
+  const char* fn = "attention_fwd";
+  check_sizes(fn, a.B, a.Hq, a.Hkv, a.L, a.S, a.D, false, a.mask_kind, a.dtype);
+  if (a.B == 0 || a.L == 0) return;
+  check_operand(fn, "q", a.q, a.strides + 0);
+  check_operand(fn, "k", a.k, a.strides + 3);
+  check_operand(fn, "v", a.v, a.strides + 6);
+  check_present(fn, "out", a.out);
+  check_present(fn, "lse", a.lse);
+  check_arg(a.strides[11] % 2 == 0 && a.out % 4 == 0, fn, "out must be 4-byte aligned with an even row stride");
+  check_device(fn);
+
+  AttnParams p = make_params(a.B, a.Hq, a.Hkv, a.L, a.S, a.mask_kind, a.mask, a.strides + 12, a.scale, a.causal);
+  p.q = reinterpret_cast<const void*>(a.q);
+  p.k = reinterpret_cast<const void*>(a.k);
+  p.v = reinterpret_cast<const void*>(a.v);
+  p.out = reinterpret_cast<void*>(a.out);
+  p.lse = reinterpret_cast<float*>(a.lse);
+  copy3(p.sq, a.strides + 0);
+  copy3(p.sk, a.strides + 3);
+  copy3(p.sv, a.strides + 6);
+  copy3(p.so, a.strides + 9);
+  p.blocks_per_head = static_cast<int>(ceil_div(a.L, 64));
+  const unsigned grid = grid_of(a.B * a.Hq * p.blocks_per_head, fn);
+  const cudaStream_t stream = as_stream(a.stream);
+
+  dispatch_dtype(a.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (!std::is_same_v<T, float>) {
+      dispatch_head_dim(a.D, [&](auto dim) {
+        constexpr int D = decltype(dim)::value;
+        constexpr int64_t smem = fwd_smem(D);
+        auto kernel = attention_fwd_kernel<T, D, fwd_bn(D), (D <= 128)>;
+        allow_smem(reinterpret_cast<const void*>(kernel), smem, fn);
+        attention_fwd_kernel<T, D, fwd_bn(D), (D <= 128)><<<dim3(grid), dim3(kThreads), smem, stream>>>(p);
+        check_launch("attention_fwd_kernel");
+      });
+    }
+  });
+}
+
+void attention_bwd(const AttentionBwdArgs& a) {
+  const char* fn = "attention_bwd";
+  check_sizes(fn, a.B, a.Hq, a.Hkv, a.L, a.S, a.D, true, a.mask_kind, a.dtype);
+  if (a.B == 0 || (a.L == 0 && a.S == 0)) return;
+  const char* names[8] = {"dout", "q", "k", "v", "out", "dq", "dk", "dv"};
+  const std::uintptr_t ptrs[8] = {a.dout, a.q, a.k, a.v, a.out, a.dq, a.dk, a.dv};
+  for (int i = 0; i < 4; ++i) check_operand(fn, names[i], ptrs[i], a.strides + 3 * i);
+  for (int i = 4; i < 8; ++i) {
+    check_present(fn, names[i], ptrs[i]);
+    check_arg(ptrs[i] % 4 == 0 && a.strides[3 * i + 2] % 2 == 0, fn,
+              std::string(names[i]) + " must be 4-byte aligned with an even row stride");
+  }
+  check_present(fn, "lse", a.lse);
+  check_present(fn, "delta", a.delta);
+  check_device(fn);
+
+  AttnParams p = make_params(a.B, a.Hq, a.Hkv, a.L, a.S, a.mask_kind, a.mask, a.strides + 24, a.scale, a.causal);
+  p.dout = reinterpret_cast<const void*>(a.dout);
+  p.q = reinterpret_cast<const void*>(a.q);
+  p.k = reinterpret_cast<const void*>(a.k);
+  p.v = reinterpret_cast<const void*>(a.v);
+  p.out = reinterpret_cast<void*>(a.out);
+  p.dq = reinterpret_cast<void*>(a.dq);
+  p.dk = reinterpret_cast<void*>(a.dk);
+  p.dv = reinterpret_cast<void*>(a.dv);
+  p.lse_in = reinterpret_cast<const float*>(a.lse);
+  p.delta = reinterpret_cast<float*>(a.delta);
+  copy3(p.sdo, a.strides + 0);
+  copy3(p.sq, a.strides + 3);
+  copy3(p.sk, a.strides + 6);
+  copy3(p.sv, a.strides + 9);
+  copy3(p.so, a.strides + 12);
+  copy3(p.sdq, a.strides + 15);
+  copy3(p.sdk, a.strides + 18);
+  copy3(p.sdv, a.strides + 21);
+  const cudaStream_t stream = as_stream(a.stream);
+  const int64_t rows = a.B * a.Hq * a.L;
+
+  dispatch_dtype(a.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (!std::is_same_v<T, float>) {
+      if (rows > 0) {
+        const unsigned grid = grid_of(ceil_div(rows, kThreads / 32), fn);
+        attention_delta_kernel<T><<<dim3(grid), dim3(kThreads), 0, stream>>>(p, static_cast<int>(a.D));
+        check_launch("attention_delta_kernel");
+      }
+      dispatch_head_dim(a.D, [&](auto dim) {
+        constexpr int D = decltype(dim)::value;
+        if constexpr (D <= 128) {
+          if (a.S > 0) {
+            AttnParams pk = p;
+            pk.blocks_per_head = static_cast<int>(ceil_div(a.S, 64));
+            const unsigned grid = grid_of(a.B * a.Hkv * pk.blocks_per_head, fn);
+            constexpr int64_t smem = dkdv_smem(D);
+            auto kernel = attention_dkdv_kernel<T, D, dkdv_bm(D)>;
+            allow_smem(reinterpret_cast<const void*>(kernel), smem, fn);
+            attention_dkdv_kernel<T, D, dkdv_bm(D)><<<dim3(grid), dim3(kThreads), smem, stream>>>(pk);
+            check_launch("attention_dkdv_kernel");
+          }
+          if (a.L > 0) {
+            AttnParams pq = p;
+            pq.blocks_per_head = static_cast<int>(ceil_div(a.L, 64));
+            const unsigned grid = grid_of(a.B * a.Hq * pq.blocks_per_head, fn);
+            constexpr int64_t smem = dq_smem(D);
+            auto kernel = attention_dq_kernel<T, D, dq_bn(D)>;
+            allow_smem(reinterpret_cast<const void*>(kernel), smem, fn);
+            attention_dq_kernel<T, D, dq_bn(D)><<<dim3(grid), dim3(kThreads), smem, stream>>>(pq);
+            check_launch("attention_dq_kernel");
+          }
+        }
+      });
+    }
+  });
+}
+
+}  // namespace dlh
