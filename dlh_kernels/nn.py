@@ -51,12 +51,34 @@ class GroupNorm(torch.nn.GroupNorm):
         return super().extra_repr() + extra
 
 
-
 class GELU(torch.nn.GELU):
     backend: Optional[str] = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return DF.gelu(input, self.approximate, backend=self.backend)
+
+
+class LinearGELU(torch.nn.Linear):
+    """``nn.Sequential(nn.Linear(...), nn.GELU(approximate))`` as one module: `torch.nn.Linear`
+    (same parameters, same state_dict) whose forward is `DF.linear_gelu`, the GELU in the
+    matmul's epilogue. ``approximate`` (keyword-only, "none" or "tanh") is not part of the
+    state_dict. `dlh.patch` makes one from each Linear followed by a GELU in an nn.Sequential.
+    """
+    backend: Optional[str] = None
+    approximate: str = "none"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None, *, approximate: str = "none"):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"dlh.nn.LinearGELU: approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return DF.linear_gelu(input, self.weight, self.bias, self.approximate, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", approximate={self.approximate!r}"
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -180,4 +202,4 @@ class Conv2d(torch.nn.Conv2d):
         return super().extra_repr() + extra
 
 
-__all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "GELU", "Conv2d", "MultiheadAttention"]
+__all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "GELU", "LinearGELU", "Conv2d", "MultiheadAttention"]

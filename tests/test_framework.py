@@ -1,5 +1,5 @@
-"""The op framework: backend registry and choice, explain, import hygiene, NVTX ranges, modules
-and patching."""
+"""The op framework: backend registry and choice, explain, import hygiene, NVTX ranges and
+modules (patching: tests/test_patch.py)."""
 import subprocess
 import sys
 
@@ -110,23 +110,7 @@ def test_eager_fast_path_skips_the_dispatcher(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Modules and patch.
-
-class _MyNorm(torch.nn.LayerNorm):
-    """A user's subclass of a supported module: patch leaves it (and says so)."""
-
-
-class _Block(torch.nn.Module):
-    def __init__(self, d=16):
-        super().__init__()
-        self.ln = torch.nn.LayerNorm(d)
-        self.proj = torch.nn.Linear(d, d)
-        self.inner = torch.nn.Sequential(torch.nn.RMSNorm(d), torch.nn.GELU())
-        self.custom = _MyNorm(d)  # a subclass: reported as left (unused here)
-
-    def forward(self, x):
-        return self.inner(self.proj(self.ln(x)))
-
+# Modules (dlh.patch: tests/test_patch.py).
 
 def test_modules_are_drop_in():
     ln, ref = dlh.nn.LayerNorm(12), torch.nn.LayerNorm(12)
@@ -137,59 +121,3 @@ def test_modules_are_drop_in():
     rn = dlh.nn.RMSNorm(12)
     rn.backend = "triton"
     torch.testing.assert_close(rn(x), torch.nn.RMSNorm(12)(x))
-
-
-def test_patch_swaps_reports_and_unpatches():
-    torch.manual_seed(0)
-    model = _Block()
-    x = torch.randn(5, 16)
-    before = model(x)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    opt_params = list(model.parameters())
-
-    report = dlh.patch(model, backend="triton")
-    assert type(model.ln) is dlh.nn.LayerNorm and type(model.inner[0]) is dlh.nn.RMSNorm
-    assert type(model.inner[1]) is dlh.nn.GELU
-    assert [r[0] for r in report.replaced] == ["ln", "inner.0", "inner.1"]
-    assert ("custom", "_MyNorm", "subclass of a supported module") in report.left
-    assert "replaced 3 module(s)" in str(report)
-    assert model.state_dict().keys() == state.keys()
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    assert list(model.parameters()) == opt_params  # same tensors: an optimizer keeps working
-    torch.testing.assert_close(model(x), before)
-
-    assert dlh.unpatch(model) == 3
-    assert type(model.ln) is torch.nn.LayerNorm and type(model.inner[0]) is torch.nn.RMSNorm
-    assert type(model.inner[1]) is torch.nn.GELU
-    torch.testing.assert_close(model(x), before)
-
-
-def test_patch_ops_filter_and_bad_arguments():
-    model = _Block()
-    report = dlh.patch(model, ops={"rms_norm"})
-    assert [r[0] for r in report.replaced] == ["inner.0"]
-    assert ("ln", "LayerNorm", "excluded by ops=") in report.left
-    with pytest.raises(ValueError, match="ops must be among"):
-        dlh.patch(model, ops={"conv3d"})
-    with pytest.raises(ValueError, match="backend must be one of"):
-        dlh.patch(model, backend="fastest")
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
-        dlh.patch([model])
-
-
-def test_patch_transformer_layer_swaps_attention_and_norms():
-    # nn.TransformerEncoderLayer calls its attention with need_weights=False: our kernel path.
-    # Training mode (dropout 0) keeps torch off its fused fast path, which would bypass modules.
-    torch.manual_seed(0)
-    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-    x = torch.randn(2, 5, 32)
-    before = layer(x)
-    report = dlh.patch(layer, backend="triton")
-    assert type(layer.self_attn) is dlh.nn.MultiheadAttention
-    assert {r[0] for r in report.replaced} == {"self_attn", "norm1", "norm2"}
-    after = layer(x)
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
-    after.sum().backward()
-    assert layer.self_attn.in_proj_weight.grad is not None
-    dlh.unpatch(layer)
-    assert type(layer.self_attn) is torch.nn.MultiheadAttention
