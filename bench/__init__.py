@@ -1,7 +1,12 @@
 """`dlh bench`: microbenchmarks of dlh-kernels beside eager PyTorch, torch.compile and peers.
 
-    dlh bench [layer_norm|gelu|linear_gelu|conv2d|attention|diffusion|group_norm|overhead|all] [--quick] [--dtype bf16] [--out DIR]
+    dlh bench [WHICH[,WHICH...]] [--quick] [--dtype bf16] [--out DIR]
     python -m dlh_kernels.bench ...   (the same)
+
+WHICH: an op family (layer_norm, gelu, linear_gelu, conv2d, attention, diffusion, group_norm),
+overhead (host cost per call), models (the reference models end to end), coldstart (first call
+in a fresh process, cold and warm caches), summary (the roofline table of a results folder), or
+all (every op family, overhead and models, then the summary; default).
 
 On a GPU: the device's ceilings first, then every provider side by side, results as CSV, JSON
 and a plot under --out (default bench/results/<date>-<gpu>/). Without a GPU there is nothing
@@ -25,16 +30,33 @@ then the host-side CPU cost per call of the torch backend."""
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlh bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", nargs="?", default="all",
-                   choices=("layer_norm", "gelu", "linear_gelu", "conv2d", "attention", "diffusion", "group_norm", "overhead",
-                            "all"),
-                   help="benchmark to run (default: all)")
+    p.add_argument("which", nargs="?", default="all", type=_which,
+                   help=f"benchmarks to run, comma-separated: {', '.join(CHOICES)} (default: all)")
     p.add_argument("--quick", action="store_true", help="short sweep (2-4 sizes), for a time-boxed GPU session")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="input dtype (default bf16)")
     p.add_argument("--out", type=Path, help="results folder (default: bench/results/<date>-<gpu>/)")
     p.add_argument("--ops", help="layer_norm only: comma-separated subset of "
-                                 "layer_norm,rms_norm,add_layer_norm,add_rms_norm")
+                                 "layer_norm,rms_norm,add_layer_norm,add_rms_norm; coldstart: ops to start")
+    p.add_argument("--models", help="models only: comma-separated subset of dlh_kernels.models.NAMES")
+    p.add_argument("--variants", help="models only: comma-separated subset of "
+                                      "eager,patched,compile,patched+compile,patched+cudagraphs")
+    p.add_argument("--budget-s", type=float, help="models only: start no new measurement after this many seconds")
+    p.add_argument("--save-auto", action="store_true",
+                   help="summary: record the faster of dlh's backends per op for `auto` (DLH_CACHE_DIR)")
     return p
+
+
+FAMILIES = ("layer_norm", "gelu", "linear_gelu", "conv2d", "attention", "diffusion", "group_norm")
+CHOICES = FAMILIES + ("overhead", "models", "coldstart", "summary", "all")
+ALL = FAMILIES + ("overhead", "models", "summary")
+
+
+def _which(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [n for n in names if n not in CHOICES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown benchmark {unknown or text!r}; choose from {', '.join(CHOICES)}")
+    return ALL if "all" in names else names
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -44,41 +66,65 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     import torch
+    which = args.which if isinstance(args.which, tuple) else _which(args.which)
+    if which == ("summary",):  # reads files: no GPU needed
+        from . import summary
+        return summary.run(args.out, save_auto=args.save_auto)
     if not torch.cuda.is_available():
-        return _without_gpu(args)
+        return _without_gpu(args, which)
     from . import attention, common, conv2d, diffusion, gelu, group_norm, layer_norm, linear_gelu, overhead
     out = args.out or common.default_out_dir()
     rc = 0
-    if args.which in ("layer_norm", "all"):
+    if "layer_norm" in which:
         ops = tuple(args.ops.split(",")) if args.ops else layer_norm.OPS
         unknown = set(ops) - set(layer_norm.OPS)
         if unknown:
             _parser().error(f"--ops: unknown {sorted(unknown)}; choose from {layer_norm.OPS}")
         rc |= layer_norm.run(quick=args.quick, dtype=args.dtype, out=out, ops=ops)
-    if args.which in ("gelu", "all"):
+    if "gelu" in which:
         rc |= gelu.run(quick=args.quick, dtype=args.dtype, out=out)
-    if args.which in ("linear_gelu", "all"):
+    if "linear_gelu" in which:
         rc |= linear_gelu.run(quick=args.quick, dtype=args.dtype, out=out)
-    if args.which in ("conv2d", "all"):
+    if "conv2d" in which:
         rc |= conv2d.run(quick=args.quick, dtype=args.dtype, out=out)
-    if args.which in ("attention", "all"):
+    if "attention" in which:
         rc |= attention.run(quick=args.quick, dtype=args.dtype, out=out)
-    if args.which in ("diffusion", "all"):
+    if "diffusion" in which:
         rc |= diffusion.run(quick=args.quick, dtype=args.dtype, out=out)
-    if args.which in ("group_norm", "all"):
+    if "group_norm" in which:
         rc |= group_norm.run(quick=args.quick, dtype=args.dtype, out=out)
-    if args.which in ("overhead", "all"):
+    if "overhead" in which:
         rc |= overhead.run(dtype=args.dtype, out=out)
+    if "models" in which:
+        from . import models
+        rc |= models.run(quick=args.quick, dtype=args.dtype, out=out, names=_split(args.models),
+                         variants=_split(args.variants), budget_s=args.budget_s)
+    if "coldstart" in which:
+        from . import coldstart
+        rc |= coldstart.run(ops=_split(args.ops) or coldstart.QUICK_OPS, dtype=args.dtype, out=out)
+    if "summary" in which:
+        from . import summary
+        rc |= summary.run(out, save_auto=args.save_auto)
     return rc
 
 
-def _without_gpu(args) -> int:
+def _split(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    return tuple(t.strip() for t in text.split(",") if t.strip()) if text else None
+
+
+def _without_gpu(args, which: tuple[str, ...]) -> int:
     print(NO_GPU, flush=True)
     rc = 0
-    if args.which != "overhead":
+    if set(which) - {"overhead", "coldstart", "models"}:
         rc |= _check(args.out)
-    from . import overhead
-    rc |= overhead.run(dtype=args.dtype, out=args.out, device="cpu")
+    if "coldstart" in which:
+        from . import coldstart
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        rc |= coldstart.run(ops=_split(args.ops) or ("layer_norm",), device="cpu", dtype="fp32",
+                            size="tiny", out=args.out)
+    if set(which) - {"coldstart"}:
+        from . import overhead
+        rc |= overhead.run(dtype=args.dtype, out=args.out, device="cpu")
     return rc
 
 

@@ -374,6 +374,21 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+def compiled_module(model: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+    """``model`` with its ``forward`` compiled in place (same object, parameters and attributes),
+    and so are its direct children's, for models whose train step or sampler calls them rather
+    than the top-level forward (a GAN's generator and discriminator, a VAE's decoder); a child
+    called from a compiled parent is traced into the parent's graph. ``mode``: torch.compile's
+    mode ("reduce-overhead": CUDA graphs). (Not `nn.Module.compile`: with torch 2.13 on CPU its
+    first call ran eagerly, no graph captured.)"""
+    cfg = torch._dynamo.config
+    setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 256)
+    kwargs = {} if mode == "default" else {"mode": mode}
+    for module in [c for c in model.children() if any(True for _ in c.parameters())] + [model]:
+        module.forward = torch.compile(module.forward, dynamic=False, **kwargs)
+    return model
+
+
 def max_rel_err(y: torch.Tensor, ref: torch.Tensor, chunk: int = 1 << 24) -> float:
     """max |y - ref| / (1 + |ref|): about one bf16 ulp between correct kernels.
 

@@ -13,6 +13,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from . import _cache
+
 BACKENDS = ("triton", "cuda", "torch")
 _CHOICES = BACKENDS + ("auto",)
 
@@ -121,7 +123,8 @@ def choose(op: str, requested: Optional[str], device_type: str, supports: Capabi
     if name == "auto":
         if device_type != "cuda":
             return "torch"
-        for candidate in auto_order:
+        # an order saved by `dlh bench --save-auto` for this op and device comes first
+        for candidate in _cache.auto_order(op, auto_order):
             if unavailable_reason(candidate, device_type) is None and supports(candidate) is None:
                 return candidate
         return "torch"

@@ -56,7 +56,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA e
 # nvcc call: nvcc shares the front end between them, and --threads compiles them side by side.
 NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
               "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
-              "--threads", "2", f"-I{CSRC}"]
+              "--threads", "2", f"-I{CSRC}", "-Xptxas", "-v"]
 
 
 def _import_ext():
@@ -116,6 +116,27 @@ def test_cu_compiles_for_sm80_and_sm90(compiled, source):
     assert returncode == 0, f"nvcc failed on {source}:\n{output}"
     warnings = [line for line in output.splitlines() if "warning" in line.lower()]
     assert not warnings, f"{source} compiles with warnings:\n" + "\n".join(warnings)
+
+
+# Kernels written before this check that ptxas makes spill a little (a few to ~100 bytes in some
+# fp32/bwd instantiations): known debt, strict xfail so that fixing them forces this list to shrink.
+KNOWN_SPILLS = {"layer_norm.cu", "group_norm.cu", "conv2d.cu"}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", [
+    pytest.param(p.name, marks=pytest.mark.xfail(strict=True, reason="known register spills (debt)"))
+    if p.name in KNOWN_SPILLS else p.name for p in CU_FILES])
+def test_no_register_spills(compiled, source):
+    """ptxas's resource report (-v) for every kernel instantiation: a spill is a bug (registers
+    went to local memory). The report is kept in bench/results/ptxas_*.txt for the record."""
+    returncode, output = compiled[source]
+    assert returncode == 0, output
+    entries = re.findall(r"Compiling entry function '(\w+)' for '(sm_\d+)'.*?(\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads", output, re.S)
+    assert entries, f"no ptxas report for {source}:\n{output[:2000]}"
+    spills = [(name, arch, st, ld) for name, arch, st, ld in entries if int(st) or int(ld)]
+    assert not spills, f"{source}: kernels that spill registers: {spills}"
 
 
 @needs_nvcc

@@ -77,6 +77,7 @@ import triton
 import triton.language as tl
 
 from dlh_kernels._alloc import empty
+from dlh_kernels._cache import persistent_autotune
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -743,8 +744,9 @@ def _tuned(kernel: str):
     if kernel == "dmask":
         key = ["L_BUCKET", "S_BUCKET", "HEAD_D", "HEAD_DV", "BCAST_B", "BCAST_H", "BCAST_L",
                "BCAST_S", "DROPOUT"]
-    return triton.autotune(_configs(kernel), key=key, prune_configs_by={"early_config_prune": _prune},
-                           **extra)(fn)
+    # choices kept across runs in the dlh cache directory (dlh_kernels/_cache.py)
+    return persistent_autotune(triton.autotune(_configs(kernel), key=key,
+                                               prune_configs_by={"early_config_prune": _prune}, **extra)(fn))
 
 
 def _bucket(n: int) -> int:

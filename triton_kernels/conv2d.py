@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from dlh_kernels._alloc import empty
+from dlh_kernels._cache import persistent_autotune
 from dlh_kernels.triton_kernels.common import gelu_fp32, gelu_grad_fp32, grouped_tile
 
 
@@ -312,8 +313,10 @@ def _prune(configs, named_args, **kwargs):
 
 @functools.lru_cache(maxsize=None)
 def _tuned_fwd():
-    return triton.autotune(configs=_fwd_configs(), key=["M_BUCKET", "KG", "CG", "R", "S", "GRAD", "ACT"],
-                           prune_configs_by={"early_config_prune": _prune})(conv2d_fwd_kernel)
+    # choices kept across runs in the dlh cache directory (dlh_kernels/_cache.py)
+    return persistent_autotune(triton.autotune(
+        configs=_fwd_configs(), key=["M_BUCKET", "KG", "CG", "R", "S", "GRAD", "ACT"],
+        prune_configs_by={"early_config_prune": _prune})(conv2d_fwd_kernel))
 
 
 def conv2d_fwd(x, w, bias, y, stride, pad, dilation, groups, act: int, negative_slope: float,

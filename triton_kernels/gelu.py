@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from dlh_kernels._alloc import empty
+from dlh_kernels._cache import persistent_autotune
 from dlh_kernels.triton_kernels.common import gelu_fp32, gelu_grad_fp32, grouped_tile
 
 # Elements one program of an elementwise kernel handles: 8 KB of bf16 in, enough independent
@@ -312,7 +313,9 @@ def _bucket(n: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _tuned_linear_gelu():
-    return triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K", "GRAD"])(linear_gelu_kernel)
+    # choices kept across runs in the dlh cache directory (dlh_kernels/_cache.py)
+    return persistent_autotune(
+        triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K", "GRAD"])(linear_gelu_kernel))
 
 
 def _input_precision(dtype: torch.dtype) -> str:
