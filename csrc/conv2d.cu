@@ -54,14 +54,18 @@
 //       not tuned. ptxas (nvcc 13): igemm VEC 122 (sm_80) / 124 (sm_90) registers, no spills;
 //       igemm scalar-gather 168 registers, 4-byte spill on sm_80, none on sm_90; direct 37-38.
 //       The direct kernel is checked against float64 on the CPU through tests/test_cuda_build.py's
-//       CUDA emulation; the tensor-core kernel only compiles there (inline PTX), and has NOT yet
+//       CUDA emulation; the tensor-core kernel only compiled there (inline PTX), and had NOT
 //       run on a GPU.
+//   v2: the PTX wrappers move to mma.cuh (shared with attention.cu), whose emulation (lane by
+//       lane, from the PTX fragment tables) lets the CPU tests run the tensor-core kernel too.
+//       Still never run on a GPU.
 
 #include <algorithm>
 #include <climits>
 #include <type_traits>
 
 #include "common.cuh"
+#include "mma.cuh"
 
 #ifndef DLH_TEST_CONV_MAX_BLOCKS
 #define DLH_TEST_CONV_MAX_BLOCKS 65536  // direct kernel grid cap (the emulation uses a tiny one)
@@ -114,59 +118,12 @@ struct ConvParams {
   float slope;
 };
 
-// ---- PTX wrappers (sm_80+) ----------------------------------------------------------------------
-// Only the device pass for sm_80+ sees the asm; elsewhere (the host pass, the CPU emulation of
-// tests/test_cuda_build.py) the tensor-core kernel's body is empty.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#define DLH_CONV_TC 1
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, bypassing L1; valid = false zero-fills the destination (src-size 0,
-// the source is not read but must be a valid address expression).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
-__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float* c, const unsigned* a, const unsigned* b);
-template <>
-__device__ __forceinline__ void mma16816<__half>(float* c, const unsigned* a, const unsigned* b) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float* c, const unsigned* a, const unsigned* b) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-#endif
 
 // ---- tensor-core implicit GEMM (fp16 / bf16) ------------------------------------------------------
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kTcThreads) conv2d_igemm_kernel(const ConvParams p) {
-#ifdef DLH_CONV_TC
-  __shared__ alignas(16) T sA[2][kBM][kLds];
-  __shared__ alignas(16) T sB[2][kBN][kLds];
+  __shared__ __align__(16) T sA[2][kBM][kLds];
+  __shared__ __align__(16) T sB[2][kBN][kLds];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 1, wn = warp & 1;
@@ -335,7 +292,6 @@ __global__ void __launch_bounds__(kTcThreads) conv2d_igemm_kernel(const ConvPara
       }
     }
   }
-#endif  // DLH_CONV_TC
 }
 
 // ---- CUDA-core direct convolution (fp32, depthwise, few channels per group) --------------------

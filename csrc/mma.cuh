@@ -34,9 +34,11 @@ namespace dlh {
 #define DLH_HAS_MMA 1
 #endif
 
+#ifdef DLH_HAS_MMA
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
+#endif
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
 #ifdef DLH_HAS_MMA

@@ -18,7 +18,7 @@ import torch
 
 from conftest import DEVICE, HAS_GPU
 from test_attention import assert_close, check_call, make_qkv
-from test_cuda_build import _build_emulated, needs_nvcc
+from test_cuda_build import EMU_MMA, _build_emulated, needs_nvcc
 
 import dlh_kernels as dlh
 import dlh_kernels.functional as DF
@@ -109,68 +109,6 @@ def test_gpu_auto_routes_around_what_cuda_cannot_do():
 
 # ---------------------------------------------------------------------------------------------
 # (b) the CPU emulation
-
-# mma.sync, ldmatrix and cp.async for the emulation of tests/test_cuda_build.py: every lane posts
-# its operand registers (or its row address) to its warp, and after a barrier reads back what the
-# instruction would give it, element by element from the PTX ISA's fragment tables.
-EMU_MMA = r"""
-#include <cstring>
-#define DLH_EMULATE_MMA 1
-#define DLH_DYNAMIC_SMEM(name) alignas(16) static unsigned char name[232448]
-inline void cp_async16(void* dst, const void* src, bool valid) {
-  if (valid) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
-}
-inline void cp_async_commit() {}
-template <int N> inline void cp_async_wait() {}
-namespace emu {
-inline void ldmatrix(unsigned* r, const void* p, bool trans) {
-  Warp& w = block_state->warps[warp];
-  w.ptrs[lane] = p;
-  w.bar->arrive_and_wait();
-  const int g = lane >> 2, t = lane & 3;
-  for (int i = 0; i < 4; ++i) {  // matrix i: rows at the addresses of lanes 8i .. 8i+7
-    const auto row = [&](int k) { return static_cast<const unsigned short*>(w.ptrs[8 * i + k]); };
-    const unsigned lo = trans ? row(2 * t)[g] : row(g)[2 * t];
-    const unsigned hi = trans ? row(2 * t + 1)[g] : row(g)[2 * t + 1];
-    r[i] = lo | (hi << 16);
-  }
-  w.bar->arrive_and_wait();
-}
-inline float b16(__half, unsigned bits) { __half_raw r; r.x = (unsigned short)bits; return __half2float(__half(r)); }
-inline float b16(__nv_bfloat16, unsigned bits) {
-  __nv_bfloat16_raw r; r.x = (unsigned short)bits; return __bfloat162float(__nv_bfloat16(r));
-}
-}
-inline void ldmatrix_x4(unsigned* r, const void* p) { emu::ldmatrix(r, p, false); }
-inline void ldmatrix_x4_trans(unsigned* r, const void* p) { emu::ldmatrix(r, p, true); }
-template <typename T> inline void mma16816(float* c, const unsigned* a, const unsigned* b) {
-  emu::Warp& w = emu::block_state->warps[emu::warp];
-  for (int i = 0; i < 4; ++i) w.words[emu::lane][i] = a[i];
-  w.words[emu::lane][4] = b[0];
-  w.words[emu::lane][5] = b[1];
-  w.bar->arrive_and_wait();
-  // A (16x16, row): element (r, k) in lane 4*(r%8) + (k%8)/2, register (r>=8) + 2*(k>=8), half k%2
-  // B (16x8, col): element (k, n) in lane 4*n + (k%8)/2, register 4 + (k>=8), half k%2
-  const auto A = [&](int r, int k) {
-    const unsigned v = w.words[4 * (r % 8) + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)];
-    return emu::b16(T{}, k % 2 ? v >> 16 : v & 0xffffu);
-  };
-  const auto B = [&](int k, int n) {
-    const unsigned v = w.words[4 * n + (k % 8) / 2][4 + (k >= 8)];
-    return emu::b16(T{}, k % 2 ? v >> 16 : v & 0xffffu);
-  };
-  const int g = emu::lane >> 2, t = emu::lane & 3;
-  float d[4];
-  for (int e = 0; e < 4; ++e) {
-    const int r = g + 8 * (e >> 1), n = 2 * t + (e & 1);
-    float acc = 0.f;
-    for (int k = 0; k < 16; ++k) acc += A(r, k) * B(k, n);
-    d[e] = c[e] + acc;
-  }
-  w.bar->arrive_and_wait();
-  for (int e = 0; e < 4; ++e) c[e] = d[e];
-}
-"""
 
 EMU_ATTN_EXPORTS = r"""
 #include <exception>

@@ -542,8 +542,8 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
       threadIdx = make_uint3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
       lane = t % 32;
       warp = t / 32;
-      for (unsigned b = 0; b < grid.x; ++b) {
-        blockIdx = make_uint3(b, 0, 0);
+      for (unsigned b = 0; b < grid.x * grid.y * grid.z; ++b) {
+        blockIdx = make_uint3(b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y));
         kernel();
         next_block.arrive_and_wait();
       }
@@ -579,6 +579,69 @@ inline void emu_vector_access(const void* p) {
 extern "C" long long emu_take_vector_accesses(long long* misaligned) {
   *misaligned = emu_misaligned_accesses.exchange(0);
   return emu_vector_accesses.exchange(0);
+}
+"""
+
+# mma.sync, ldmatrix and cp.async (csrc/mma.cuh) for the emulation above (header_extra of
+# _build_emulated; tests/test_cuda_attention.py and the conv2d tensor-core test): every lane posts
+# its operand registers (or its row address) to its warp, and after a barrier reads back what the
+# instruction would give it, element by element from the PTX ISA's fragment tables.
+EMU_MMA = r"""
+#include <cstring>
+#define DLH_EMULATE_MMA 1
+#define DLH_DYNAMIC_SMEM(name) alignas(16) static unsigned char name[232448]
+inline void cp_async16(void* dst, const void* src, bool valid) {
+  if (valid) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
+}
+inline void cp_async_commit() {}
+template <int N> inline void cp_async_wait() {}
+namespace emu {
+inline void ldmatrix(unsigned* r, const void* p, bool trans) {
+  Warp& w = block_state->warps[warp];
+  w.ptrs[lane] = p;
+  w.bar->arrive_and_wait();
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {  // matrix i: rows at the addresses of lanes 8i .. 8i+7
+    const auto row = [&](int k) { return static_cast<const unsigned short*>(w.ptrs[8 * i + k]); };
+    const unsigned lo = trans ? row(2 * t)[g] : row(g)[2 * t];
+    const unsigned hi = trans ? row(2 * t + 1)[g] : row(g)[2 * t + 1];
+    r[i] = lo | (hi << 16);
+  }
+  w.bar->arrive_and_wait();
+}
+inline float b16(__half, unsigned bits) { __half_raw r; r.x = (unsigned short)bits; return __half2float(__half(r)); }
+inline float b16(__nv_bfloat16, unsigned bits) {
+  __nv_bfloat16_raw r; r.x = (unsigned short)bits; return __bfloat162float(__nv_bfloat16(r));
+}
+}
+inline void ldmatrix_x4(unsigned* r, const void* p) { emu::ldmatrix(r, p, false); }
+inline void ldmatrix_x4_trans(unsigned* r, const void* p) { emu::ldmatrix(r, p, true); }
+template <typename T> inline void mma16816(float* c, const unsigned* a, const unsigned* b) {
+  emu::Warp& w = emu::block_state->warps[emu::warp];
+  for (int i = 0; i < 4; ++i) w.words[emu::lane][i] = a[i];
+  w.words[emu::lane][4] = b[0];
+  w.words[emu::lane][5] = b[1];
+  w.bar->arrive_and_wait();
+  // A (16x16, row): element (r, k) in lane 4*(r%8) + (k%8)/2, register (r>=8) + 2*(k>=8), half k%2
+  // B (16x8, col): element (k, n) in lane 4*n + (k%8)/2, register 4 + (k>=8), half k%2
+  const auto A = [&](int r, int k) {
+    const unsigned v = w.words[4 * (r % 8) + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)];
+    return emu::b16(T{}, k % 2 ? v >> 16 : v & 0xffffu);
+  };
+  const auto B = [&](int k, int n) {
+    const unsigned v = w.words[4 * n + (k % 8) / 2][4 + (k >= 8)];
+    return emu::b16(T{}, k % 2 ? v >> 16 : v & 0xffffu);
+  };
+  const int g = emu::lane >> 2, t = emu::lane & 3;
+  float d[4];
+  for (int e = 0; e < 4; ++e) {
+    const int r = g + 8 * (e >> 1), n = 2 * t + (e & 1);
+    float acc = 0.f;
+    for (int k = 0; k < 16; ++k) acc += A(r, k) * B(k, n);
+    d[e] = c[e] + acc;
+  }
+  w.bar->arrive_and_wait();
+  for (int e = 0; e < 4; ++e) c[e] = d[e];
 }
 """
 
@@ -1564,3 +1627,44 @@ def test_conv2d_direct_emulated_on_cpu(emulated_conv2d, N, H, W, C, K, R, S, str
                                        bias):
     _check_conv2d(emulated_conv2d, torch.device("cpu"), N, H, W, C, K, R, S, stride, pad, dil, groups, dtype, act,
                   bias)
+
+
+# The tensor-core implicit GEMM through the emulation of mma.sync / ldmatrix / cp.async
+# (EMU_MMA): both loaders (16-byte cp.async and scalar gather), N-tile and M-tile tails, groups
+# (grid z), several N blocks (grid y).
+@pytest.fixture(scope="module")
+def emulated_conv2d_tc(tmp_path_factory):
+    import ctypes
+
+    lib = _build_emulated(tmp_path_factory, "conv2d.cu", EMU_CONV_EXPORTS, 3, header_extra=EMU_MMA)
+
+    class Args(ctypes.Structure):  # mirrors dlh::Conv2dFwdArgs
+        _fields_ = ([(n, ctypes.c_uint64) for n in "x w bias y".split()]
+                    + [(n, ctypes.c_int64) for n in ("N H W C K R S OH OW stride_h stride_w pad_h pad_w dil_h dil_w "
+                                                     "groups").split()]
+                    + [("activation", ctypes.c_int), ("negative_slope", ctypes.c_float), ("dtype", ctypes.c_int),
+                       ("stream", ctypes.c_uint64)])
+
+    def conv2d_fwd(**kw):
+        err = ctypes.create_string_buffer(512)
+        if lib.emu_conv2d_fwd(ctypes.byref(Args(**kw, stream=0)), err, 512):
+            raise RuntimeError(err.value.decode())
+
+    return conv2d_fwd
+
+
+EMULATED_CONV_TC_CASES = [
+    (1, 12, 12, 1, 16, 5, 5, (1, 1), (2, 2), (1, 1), 1, F16, 1, True),      # Cg = 1: scalar gather
+    (2, 9, 9, 8, 16, 3, 3, (1, 1), (1, 1), (1, 1), 1, BF16, 2, True),       # Cg = 8: cp.async, 2 M blocks
+    (1, 8, 8, 16, 16, 3, 3, (1, 1), (1, 1), (1, 1), 2, F16, 5, True),       # groups = 2 (grid z)
+    (1, 7, 9, 24, 40, 3, 3, (2, 1), (1, 1), (1, 2), 1, BF16, 0, False),     # Kgemm 216, Kg 40 tail
+    (1, 6, 6, 16, 96, 1, 1, (1, 1), (0, 0), (1, 1), 1, F16, 4, True),       # 1x1, Kg 96: 2 N blocks
+]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("N,H,W,C,K,R,S,stride,pad,dil,groups,dtype,act,bias", EMULATED_CONV_TC_CASES)
+def test_conv2d_tensor_cores_emulated_on_cpu(emulated_conv2d_tc, N, H, W, C, K, R, S, stride, pad, dil, groups,
+                                            dtype, act, bias):
+    _check_conv2d(emulated_conv2d_tc, torch.device("cpu"), N, H, W, C, K, R, S, stride, pad, dil, groups, dtype,
+                  act, bias)
