@@ -1,8 +1,8 @@
 """Build and packaging for dlh-kernels (metadata lives in pyproject.toml).
 
 Python packages: dlh_kernels (and its subpackages) from dlh_kernels/, plus the repository's
-triton_kernels/ and bench/ folders installed *under* it, as dlh_kernels.triton_kernels and
-dlh_kernels.bench, so that no generic top-level name lands in site-packages.
+triton_kernels/, bench/ and models/ folders installed *under* it, as dlh_kernels.triton_kernels,
+dlh_kernels.bench and dlh_kernels.models, so that no generic top-level name lands in site-packages.
 
 The CUDA extension dlh_kernels._C is built by our own build_ext, not by torch's: this file never
 imports torch (the GPU machines install with --no-build-isolation against whatever torch is
@@ -56,7 +56,7 @@ def _packages():
     packages = {"dlh_kernels", "dlh_kernels.ops"}
     packages.update("dlh_kernels." + p for p in find_packages(str(ROOT / "dlh_kernels")))
     package_dir = {"dlh_kernels": "dlh_kernels"}
-    for folder in ("triton_kernels", "bench"):  # repository folders mapped under dlh_kernels
+    for folder in ("triton_kernels", "bench", "models"):  # repository folders mapped under dlh_kernels
         if (ROOT / folder).is_dir():
             name = "dlh_kernels." + folder
             package_dir[name] = folder

@@ -44,35 +44,92 @@ def _check(args) -> int:
     return 1 if failed else 0
 
 
+def _model_names() -> tuple:
+    try:
+        from dlh_kernels import models
+        return tuple(models.NAMES)
+    except Exception:  # the models package is optional here
+        return ()
+
+
 def _profile(args) -> int:
-    """A short Nsight-friendly run: NVTX ranges dlh::<op>[<backend>] inside a profiler range."""
+    """`dlh profile <op|model>`: warm up, then the measured steps between cudaProfilerStart/Stop
+    with NVTX ranges per op call (dlh::<op>[<backend>]), per step and per model layer."""
     import torch
 
     import dlh_kernels as dlh
-    import dlh_kernels.functional as DF
-    if not torch.cuda.is_available():
-        print("dlh profile: no CUDA GPU here; run it under Nsight on a GPU machine, e.g.\n"
-              "  nsys profile --capture-range=cudaProfilerApi -t cuda,nvtx dlh profile")
+    from dlh_kernels import profiling
+    from dlh_kernels.bench import workloads
+    device = args.device or ("cuda" if torch.cuda.is_available() else None)
+    if device is None:
+        print("dlh profile: no CUDA GPU here; run it under Nsight on a GPU machine (or pass "
+              "--device cpu for a dry run of the ranges), e.g.\n" + profiling.recipes(
+                  args.target, f"dlh profile {args.target}"))
         return 2
-    x = torch.randn(args.rows, args.hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    r = torch.randn_like(x)
-    w = torch.ones(args.hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    b = torch.zeros_like(w, requires_grad=True)
-    backends = [n for n, s in dlh.backends().items() if s == "available"]
-    for warm in (True, False):
-        if not warm:
-            torch.cuda.synchronize()
-            torch.cuda.profiler.start()
-        with dlh.profiling.nvtx(not warm):
-            for be in backends:
-                for _ in range(args.iters):
-                    y = DF.layer_norm(x, (args.hidden,), w, b, backend=be)
-                    y2, _h = DF.add_rms_norm(y, r, (args.hidden,), w, backend=be)
-                    y2.float().sum().backward()
-        torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
-    print(f"profiled {args.iters} iterations of layer_norm + add_rms_norm (fwd+bwd) on {backends}")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    is_model = args.target in _model_names()
+    if not is_model and args.target not in workloads.OPS:
+        print(f"dlh profile: unknown target {args.target!r}; ops: {', '.join(workloads.OPS)}; "
+              f"models: {', '.join(_model_names()) or '(dlh_kernels.models is not importable)'}")
+        return 2
+    device_type = torch.device(device).type
+    status = {b: dlh._backend.unavailable_reason(b, device_type) for b in dlh._backend.BACKENDS}
+    backends = args.backend or [b for b, why in status.items() if why is None]
+    for b in backends:
+        if b not in ("eager", "auto") and status.get(b, "unknown backend") is not None:
+            print(f"dlh profile: backend {b!r} cannot run here: {status.get(b, 'unknown backend')}")
+            return 2
+    cuda = device_type == "cuda"
+    for be in backends:
+        model = None
+        if is_model:
+            step, model = _model_step(args, device, dtype, be)
+        else:
+            step = workloads.make(args.target, device, dtype, "auto" if be == "eager" else be,
+                                  size=args.size, grad=args.mode in ("fwd+bwd", "train"))
+        profiling.profile_steps(step, warmup=args.warmup, iters=args.iters, model=model, cuda=cuda)
+        what = f"{args.target} ({args.mode})"
+        print(f"profiled {args.iters} steps of {what} on {be} ({device}, {args.dtype}) after "
+              f"{args.warmup} warm-up steps" + ("; CUDA profiler range around them" if cuda else ""))
+    command = "dlh profile " + " ".join(args.argv)
+    if is_model:
+        focus = type(model).__name__  # the root range of the model's layers
+    else:
+        focus = workloads.range_name(args.target, next((b for b in backends if b != "eager"), "torch"))
+    print(f"\nNVTX domain: {profiling.domain() or 'default (the nvtx package is not importable)'}; "
+          f"recipes:\n" + profiling.recipes(args.target, command, focus))
     return 0
+
+
+def _model_step(args, device, dtype, backend):
+    """(step, model) for `dlh profile <model>`: a train step or one sampling call, on the model
+    patched with dlh's ``backend`` (``eager``: not patched)."""
+    import torch
+
+    import dlh_kernels as dlh
+    from dlh_kernels import models
+    model = models.build(args.target, small=args.size == "tiny").to(device)
+    if backend != "eager":
+        dlh.patch(model, backend=backend)
+    if args.mode == "sample":
+        model.eval()
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def step():
+            with torch.no_grad():
+                return models.sample(args.target, model, args.batch, device=device, steps=args.steps,
+                                     generator=gen)
+        return step, model
+    batch = models.example_batch(args.target, args.batch, device=device, small=args.size == "tiny")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=dtype,
+                              enabled=dtype != torch.float32)
+
+    def step():
+        with autocast:
+            return models.train_step(args.target, model, opt, batch)
+    return step, model
 
 
 def main(argv=None) -> int:
@@ -88,12 +145,29 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="*")
     p.set_defaults(fn=_check)
     sub.add_parser("bench", help="microbenchmarks (dlh bench --help)")
-    p = sub.add_parser("profile", help="a short run with NVTX ranges, for nsys/ncu")
-    p.add_argument("--rows", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--iters", type=int, default=10)
+    p = sub.add_parser("profile", help="an Nsight-friendly run of one op or model: NVTX ranges, "
+                                       "measured steps between cudaProfilerStart/Stop")
+    p.add_argument("target", nargs="?", default="layer_norm",
+                   help="an op (layer_norm, gelu, attention, ...) or a reference model (gpt, ...)")
+    p.add_argument("--backend", nargs="*", help="backends to run in turn (default: every available "
+                                                "one); models also take eager (not patched)")
+    p.add_argument("--mode", default=None, choices=("fwd", "fwd+bwd", "train", "sample"),
+                   help="ops: fwd or fwd+bwd (default); models: train (default) or sample")
+    p.add_argument("--iters", type=int, default=10, help="measured steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps, outside the profile")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--device", default=None, help="default: cuda; cpu for a dry run of the ranges")
+    p.add_argument("--size", default="default", choices=("default", "tiny"))
+    p.add_argument("--batch", type=int, default=8, help="models: batch size (default 8)")
+    p.add_argument("--steps", type=int, default=None, help="models, sample mode: sampling steps")
     p.set_defaults(fn=_profile)
+    from dlh_kernels.models.cli import add_parsers as add_model_parsers
+    add_model_parsers(sub)  # train, sample, compare (logic in models/)
     args = parser.parse_args(argv)
+    if args.command == "profile":
+        args.argv = argv[1:]
+        if args.mode is None:
+            args.mode = "train" if args.target in _model_names() else "fwd+bwd"
     return args.fn(args)
 
 
