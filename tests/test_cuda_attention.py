@@ -263,6 +263,16 @@ def test_attention_head_dim_256_forward_emulated(cuda_glue):
 
 
 @needs_nvcc
+@pytest.mark.parametrize("L,S", [(0, 5), (5, 0), (0, 0)])
+def test_attention_empty_lengths_emulated(cuda_glue, L, S):
+    q, k = torch.randn(2, 2, L, 64, dtype=F16), torch.randn(2, 2, S, 64, dtype=F16)
+    out, lse = cuda_glue._cuda_fwd(q, k, k, None, None, 0.0, False, 0.125)
+    assert out.shape == (2, 2, L, 64) and (out == 0).all() and torch.isposinf(lse).all()
+    dq, dk, dv, _ = cuda_glue._cuda_bwd(out, q, k, k, out, lse, None, None, 0.0, False, 0.125, False, True)
+    assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
+
+
+@needs_nvcc
 def test_attention_emulated_rejects_bad_arguments(cuda_glue, emulated_attention):
     q = torch.randn(1, 1, 8, 80, dtype=F16)
     with pytest.raises(ValueError, match="head dim must be one of"):

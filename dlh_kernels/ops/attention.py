@@ -162,6 +162,8 @@ def _cuda_fwd(q, k, v, mask, seed, dropout_p, is_causal, scale):
     B, Hq, L, D = q.shape
     out = _alloc.empty((B, Hq, L, D), q.dtype, q.device)
     lse = _alloc.empty((B, Hq, L), torch.float32, q.device)
+    if out.numel() == 0 or k.shape[2] == 0:  # nothing to launch (empty tensors may have no storage)
+        return out.zero_(), lse.fill_(float("inf"))
     m, kind, mstrides = _cuda_mask(mask)
     strides = _strides3(q) + _strides3(k) + _strides3(v) + _strides3(out) + mstrides
     _ext.ext().attention_fwd(_ext.ptr(q), _ext.ptr(k), _ext.ptr(v), _ext.ptr(m), _ext.ptr(out), _ext.ptr(lse),
@@ -178,6 +180,8 @@ def _cuda_bwd(do, q, k, v, out, lse, mask, seed, dropout_p, is_causal, scale, ma
     dq = _alloc.empty(q.shape, q.dtype, q.device)
     dk = _alloc.empty(k.shape, k.dtype, k.device)
     dv = _alloc.empty(v.shape, v.dtype, v.device)
+    if q.numel() == 0 or k.numel() == 0:  # nothing to launch (empty tensors may have no storage)
+        return dq.zero_(), dk.zero_(), dv.zero_(), q.new_empty(0, dtype=torch.float32)
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     m, kind, mstrides = _cuda_mask(mask)
     strides = sum((_strides3(t) for t in (do, q, k, v, out, dq, dk, dv)), []) + mstrides
