@@ -116,6 +116,64 @@ __device__ __forceinline__ void acc_to_a(unsigned* a, const float* c0, const flo
   a[3] = pack2<T>(c1[2], c1[3]);
 }
 
+// ---- warp-level products (each warp: 16 rows) ----------------------------------------------------
+template <int N>
+__device__ __forceinline__ void zero(float (*acc)[4]) {
+#pragma unroll
+  for (int i = 0; i < N / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+}
+
+// acc (16 x N) += A (rows a_row.. of sA, K wide) * B, B given as B^T: sB row-major [n][k].
+template <int K, int N, int LD, typename T>
+__device__ __forceinline__ void mma_a_bt(float (*acc)[4], const T* sA, int a_row, const T* sB) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    unsigned a[4];
+    load_a<LD>(a, sA, a_row, kk * 16);
+#pragma unroll
+    for (int nn = 0; nn < N / 16; ++nn) {
+      unsigned b[4];
+      load_b_nk<LD>(b, sB, nn * 16, kk * 16);
+      mma16816<T>(acc[2 * nn], a, b);
+      mma16816<T>(acc[2 * nn + 1], a, b + 2);
+    }
+  }
+}
+
+// acc (16 x N) += P * B: P the 16 x K fp32 accumulator p (rounded to T), B row-major [k][n] in sB.
+template <int K, int N, int LD, typename T>
+__device__ __forceinline__ void mma_p_b(float (*acc)[4], const float (*p)[4], const T* sB) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    unsigned a[4];
+    acc_to_a<T>(a, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+    for (int nn = 0; nn < N / 16; ++nn) {
+      unsigned b[4];
+      load_b_kn<LD>(b, sB, kk * 16, nn * 16);
+      mma16816<T>(acc[2 * nn], a, b);
+      mma16816<T>(acc[2 * nn + 1], a, b + 2);
+    }
+  }
+}
+
+// Rows row0 + lane/4 and + 8 of a 16 x D accumulator, times scale[0] / scale[1], to dst (row
+// stride ld) rounded to T, two elements per 4-byte store; rows >= rows_end are not written.
+template <int D, typename T>
+__device__ __forceinline__ void store_rows(T* dst, int64_t ld, const float (*acc)[4], int row0, int rows_end,
+                                           const float* scale) {
+  const int g = lane_id() >> 2, t = lane_id() & 3;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = row0 + g + 8 * i;
+    if (row >= rows_end) continue;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+      *reinterpret_cast<unsigned*>(dst + row * ld + dn * 8 + 2 * t) =
+          pack2<T>(acc[dn][2 * i] * scale[i], acc[dn][2 * i + 1] * scale[i]);
+  }
+}
+
 // ---- masking -------------------------------------------------------------------------------------
 // The score of (query row, key col) with everything that masks it applied: -inf past the ends,
 // above the diagonal (causal), where a bool mask is false; plus an additive mask (in base 2).
@@ -201,8 +259,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
   cp_async_commit();
 
   float o[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  zero<D>(o);
   float row_max[2] = {-kInf, -kInf}, row_sum[2] = {0.f, 0.f};
   unsigned qf[Q_IN_REGS ? D / 16 : 1][4];
 
@@ -217,28 +274,27 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
     __syncthreads();
     const T* cK = sK + buf * BN * LD;
     const T* cV = sV + buf * BN * LD;
-    if (Q_IN_REGS && j == 0) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) load_a<LD>(qf[Q_IN_REGS ? kk : 0], sQ, wm, kk * 16);
-    }
 
-    // S = Q K^T (16 x BN per warp)
+    // S = Q K^T (16 x BN per warp); Q from registers (loaded once) or from shared memory
     float s[BN / 8][4];
+    zero<BN>(s);
+    if constexpr (Q_IN_REGS) {
+      if (j == 0) {
 #pragma unroll
-    for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      unsigned a_local[4];
-      const unsigned* a = a_local;
-      if constexpr (Q_IN_REGS) a = qf[kk];
-      else load_a<LD>(a_local, sQ, wm, kk * 16);
-#pragma unroll
-      for (int nn = 0; nn < BN / 16; ++nn) {
-        unsigned b[4];
-        load_b_nk<LD>(b, cK, nn * 16, kk * 16);
-        mma16816<T>(s[2 * nn], a, b);
-        mma16816<T>(s[2 * nn + 1], a, b + 2);
+        for (int kk = 0; kk < D / 16; ++kk) load_a<LD>(qf[kk], sQ, wm, kk * 16);
       }
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int nn = 0; nn < BN / 16; ++nn) {
+          unsigned b[4];
+          load_b_nk<LD>(b, cK, nn * 16, kk * 16);
+          mma16816<T>(s[2 * nn], qf[kk], b);
+          mma16816<T>(s[2 * nn + 1], qf[kk], b + 2);
+        }
+      }
+    } else {
+      mma_a_bt<D, BN, LD>(s, sQ, wm, cK);
     }
 
     // scale, mask, online softmax (rows g and g + 8 of the warp's 16)
@@ -279,37 +335,25 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
       }
     }
 
-    // O += P V
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      unsigned a[4];
-      acc_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int dn = 0; dn < D / 16; ++dn) {
-        unsigned b[4];
-        load_b_kn<LD>(b, cV, kk * 16, dn * 16);
-        mma16816<T>(o[2 * dn], a, b);
-        mma16816<T>(o[2 * dn + 1], a, b + 2);
-      }
-    }
+    mma_p_b<BN, D, LD>(o, s, cV);  // O += P V
     __syncthreads();  // every warp is done with this buffer before it is refilled
   }
   cp_async_wait<0>();
 
   // O / l and the log-sum-exp; rows without any key: zeros and +inf
+  float l[2], inv[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] = quad_sum(row_sum[i]);
+    inv[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
+  }
   T* out = static_cast<T*>(p.out) + pos.b * p.so[0] + pos.h * p.so[1];
+  store_rows<D>(out, p.so[2], o, m0 + wm, p.L, inv);
   float* lse = p.lse + (static_cast<int64_t>(pos.b) * p.Hq + pos.h) * p.L;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int row = m0 + wm + g + 8 * i;
-    const float l = quad_sum(row_sum[i]);
-    if (row >= p.L) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    T* orow = out + row * p.so[2];
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn)
-      *reinterpret_cast<unsigned*>(orow + dn * 8 + 2 * t) = pack2<T>(o[dn][2 * i] * inv, o[dn][2 * i + 1] * inv);
-    if (t == 0) lse[row] = l > 0.f ? row_max[i] + log2f(l) : kInf;
+    if (t == 0 && row < p.L) lse[row] = l[i] > 0.f ? row_max[i] + log2f(l[i]) : kInf;
   }
 }
 
@@ -381,10 +425,8 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
   cp_async_commit();
 
   float dk[D / 8][4], dv[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+  zero<D>(dk);
+  zero<D>(dv);
 
   for (int it = 0; it < steps; ++it) {
     const int buf = it & 1;
@@ -402,26 +444,10 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
 
     // S^T = K Q^T and dP^T = V dO^T (16 keys x BM queries per warp)
     float st[BM / 8][4], dpt[BM / 8][4];
-#pragma unroll
-    for (int i = 0; i < BM / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      unsigned ak[4], av[4];
-      load_a<LD>(ak, sK, wn, kk * 16);
-      load_a<LD>(av, sV, wn, kk * 16);
-#pragma unroll
-      for (int nn = 0; nn < BM / 16; ++nn) {
-        unsigned b[4];
-        load_b_nk<LD>(b, cQ, nn * 16, kk * 16);
-        mma16816<T>(st[2 * nn], ak, b);
-        mma16816<T>(st[2 * nn + 1], ak, b + 2);
-        load_b_nk<LD>(b, cdO, nn * 16, kk * 16);
-        mma16816<T>(dpt[2 * nn], av, b);
-        mma16816<T>(dpt[2 * nn + 1], av, b + 2);
-      }
-    }
+    zero<BM>(st);
+    zero<BM>(dpt);
+    mma_a_bt<D, BM, LD>(st, sK, wn, cQ);
+    mma_a_bt<D, BM, LD>(dpt, sV, wn, cdO);
 
     // P^T = exp2(S^T - lse), dS^T = P^T (dP^T - delta)
     const bool full = interior(p, m0, BM, n0 + wn, 16);
@@ -439,41 +465,17 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
       }
     }
 
-    // dV += P^T dO, dK += dS^T Q
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) {
-      unsigned ap[4], ads[4];
-      acc_to_a<T>(ap, st[2 * kk], st[2 * kk + 1]);
-      acc_to_a<T>(ads, dpt[2 * kk], dpt[2 * kk + 1]);
-#pragma unroll
-      for (int dn = 0; dn < D / 16; ++dn) {
-        unsigned b[4];
-        load_b_kn<LD>(b, cdO, kk * 16, dn * 16);
-        mma16816<T>(dv[2 * dn], ap, b);
-        mma16816<T>(dv[2 * dn + 1], ap, b + 2);
-        load_b_kn<LD>(b, cQ, kk * 16, dn * 16);
-        mma16816<T>(dk[2 * dn], ads, b);
-        mma16816<T>(dk[2 * dn + 1], ads, b + 2);
-      }
-    }
+    mma_p_b<BM, D, LD>(dv, st, cdO);   // dV += P^T dO
+    mma_p_b<BM, D, LD>(dk, dpt, cQ);   // dK += dS^T Q
     __syncthreads();
   }
   cp_async_wait<0>();
 
   T* dkp = static_cast<T*>(p.dk) + pos.b * p.sdk[0] + pos.h * p.sdk[1];
   T* dvp = static_cast<T*>(p.dv) + pos.b * p.sdv[0] + pos.h * p.sdv[1];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int key = n0 + wn + g + 8 * i;
-    if (key >= p.S) continue;
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      const int col = dn * 8 + 2 * t;
-      *reinterpret_cast<unsigned*>(dkp + key * p.sdk[2] + col) =
-          pack2<T>(dk[dn][2 * i] * p.scale, dk[dn][2 * i + 1] * p.scale);
-      *reinterpret_cast<unsigned*>(dvp + key * p.sdv[2] + col) = pack2<T>(dv[dn][2 * i], dv[dn][2 * i + 1]);
-    }
-  }
+  const float dk_scale[2] = {p.scale, p.scale}, one[2] = {1.f, 1.f};
+  store_rows<D>(dkp, p.sdk[2], dk, n0 + wn, p.S, dk_scale);
+  store_rows<D>(dvp, p.sdv[2], dv, n0 + wn, p.S, one);
 }
 
 // dQ for BM = 64 query rows of one (batch, query head): the forward's loop over key tiles.
@@ -516,8 +518,7 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttnParams
   cp_async_commit();
 
   float dq[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  zero<D>(dq);
 
   for (int j = 0; j < tiles; ++j) {
     const int buf = j & 1, n0 = j * BN;
@@ -533,26 +534,10 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttnParams
 
     // S = Q K^T and dP = dO V^T (16 x BN per warp)
     float s[BN / 8][4], dp[BN / 8][4];
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      unsigned aq[4], ado[4];
-      load_a<LD>(aq, sQ, wm, kk * 16);
-      load_a<LD>(ado, sdO, wm, kk * 16);
-#pragma unroll
-      for (int nn = 0; nn < BN / 16; ++nn) {
-        unsigned b[4];
-        load_b_nk<LD>(b, cK, nn * 16, kk * 16);
-        mma16816<T>(s[2 * nn], aq, b);
-        mma16816<T>(s[2 * nn + 1], aq, b + 2);
-        load_b_nk<LD>(b, cV, nn * 16, kk * 16);
-        mma16816<T>(dp[2 * nn], ado, b);
-        mma16816<T>(dp[2 * nn + 1], ado, b + 2);
-      }
-    }
+    zero<BN>(s);
+    zero<BN>(dp);
+    mma_a_bt<D, BN, LD>(s, sQ, wm, cK);
+    mma_a_bt<D, BN, LD>(dp, sdO, wm, cV);
 
     // P = exp2(S - lse), dS = P (dP - delta)
     const bool full = interior(p, m0 + wm, 16, n0, BN);
@@ -567,33 +552,14 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttnParams
       }
     }
 
-    // dQ += dS K
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      unsigned a[4];
-      acc_to_a<T>(a, dp[2 * kk], dp[2 * kk + 1]);
-#pragma unroll
-      for (int dn = 0; dn < D / 16; ++dn) {
-        unsigned b[4];
-        load_b_kn<LD>(b, cK, kk * 16, dn * 16);
-        mma16816<T>(dq[2 * dn], a, b);
-        mma16816<T>(dq[2 * dn + 1], a, b + 2);
-      }
-    }
+    mma_p_b<BN, D, LD>(dq, dp, cK);  // dQ += dS K
     __syncthreads();
   }
   cp_async_wait<0>();
 
   T* dqp = static_cast<T*>(p.dq) + pos.b * p.sdq[0] + pos.h * p.sdq[1];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = m0 + wm + g + 8 * i;
-    if (row >= p.L) continue;
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn)
-      *reinterpret_cast<unsigned*>(dqp + row * p.sdq[2] + dn * 8 + 2 * t) =
-          pack2<T>(dq[dn][2 * i] * p.scale, dq[dn][2 * i + 1] * p.scale);
-  }
+  const float dq_scale[2] = {p.scale, p.scale};
+  store_rows<D>(dqp, p.sdq[2], dq, m0 + wm, p.L, dq_scale);
 }
 
 // =====================================================================================================
