@@ -1589,12 +1589,11 @@ extern "C" int emu_conv2d_fwd(const dlh::Conv2dFwdArgs* a, char* err, int n) {
 """
 
 
-@pytest.fixture(scope="module")
-def emulated_conv2d(tmp_path_factory):
+def _emulated_conv2d_fwd(tmp_path_factory, defines=(), header_extra=""):
+    """conv2d_fwd(**Conv2dFwdArgs fields) over csrc/conv2d.cu built with the CPU emulation."""
     import ctypes
 
-    lib = _build_emulated(tmp_path_factory, "conv2d.cu", EMU_CONV_EXPORTS, 3,
-                          ["-DDLH_TEST_CONV_DIRECT_ONLY", "-DDLH_TEST_CONV_MAX_BLOCKS=3"])
+    lib = _build_emulated(tmp_path_factory, "conv2d.cu", EMU_CONV_EXPORTS, 3, list(defines), header_extra)
 
     class Args(ctypes.Structure):  # mirrors dlh::Conv2dFwdArgs
         _fields_ = ([(n, ctypes.c_uint64) for n in "x w bias y".split()]
@@ -1609,6 +1608,11 @@ def emulated_conv2d(tmp_path_factory):
             raise RuntimeError(err.value.decode())
 
     return conv2d_fwd
+
+
+@pytest.fixture(scope="module")
+def emulated_conv2d(tmp_path_factory):
+    return _emulated_conv2d_fwd(tmp_path_factory, ["-DDLH_TEST_CONV_DIRECT_ONLY", "-DDLH_TEST_CONV_MAX_BLOCKS=3"])
 
 
 EMULATED_CONV_CASES = [
@@ -1634,23 +1638,7 @@ def test_conv2d_direct_emulated_on_cpu(emulated_conv2d, N, H, W, C, K, R, S, str
 # (grid z), several N blocks (grid y).
 @pytest.fixture(scope="module")
 def emulated_conv2d_tc(tmp_path_factory):
-    import ctypes
-
-    lib = _build_emulated(tmp_path_factory, "conv2d.cu", EMU_CONV_EXPORTS, 3, header_extra=EMU_MMA)
-
-    class Args(ctypes.Structure):  # mirrors dlh::Conv2dFwdArgs
-        _fields_ = ([(n, ctypes.c_uint64) for n in "x w bias y".split()]
-                    + [(n, ctypes.c_int64) for n in ("N H W C K R S OH OW stride_h stride_w pad_h pad_w dil_h dil_w "
-                                                     "groups").split()]
-                    + [("activation", ctypes.c_int), ("negative_slope", ctypes.c_float), ("dtype", ctypes.c_int),
-                       ("stream", ctypes.c_uint64)])
-
-    def conv2d_fwd(**kw):
-        err = ctypes.create_string_buffer(512)
-        if lib.emu_conv2d_fwd(ctypes.byref(Args(**kw, stream=0)), err, 512):
-            raise RuntimeError(err.value.decode())
-
-    return conv2d_fwd
+    return _emulated_conv2d_fwd(tmp_path_factory, header_extra=EMU_MMA)
 
 
 EMULATED_CONV_TC_CASES = [
