@@ -83,6 +83,15 @@ def op_range(name: str) -> Iterator[None]:
         range_pop()
 
 
+_NULL = contextlib.nullcontext()
+
+
+def torch_range(op: str):
+    """The range of an op call that the ``torch`` backend runs as plain torch.nn.functional (not
+    through a KernelOp), so that it shows as ``dlh::<op>[torch]`` too; a no-op when profiling is off."""
+    return op_range(f"dlh::{op}[torch]") if _enabled else _NULL
+
+
 def domain() -> Optional[str]:
     """The NVTX domain the ranges go to: ``"dlh"``, or None for the default domain."""
     try:

@@ -1,6 +1,6 @@
 """NVTX ranges without a GPU: the push/pop functions profiling resolves are replaced by recorders,
 and tiny ops and models run with profiling on (on a CPU: the triton backend through the
-interpreter; the torch backend calls torch.nn.functional directly and records no op range);
+interpreter; the torch backend, which calls torch.nn.functional directly, records its own range);
 the names, their nesting, and the CUDA profiler calls around the measured steps are what an
 Nsight run would see."""
 import pytest
@@ -58,6 +58,25 @@ def test_op_range_names_backend(events):
         DF.layer_norm(x, (8,), backend=BE)
         DF.gelu(x, backend=BE)
     assert tree(events) == [("dlh::layer_norm[triton]", []), ("dlh::gelu[triton]", [])]
+
+
+def test_torch_backend_records_its_ranges(events):
+    x = torch.randn(2, 4, 6, 6, device=DEVICE)
+    q = torch.randn(1, 2, 5, 8, device=DEVICE)
+    w = torch.randn(4, 4, 3, 3, device=DEVICE)
+    with profiling.nvtx():
+        DF.layer_norm(x, (6,), backend="torch")
+        DF.add_rms_norm(x, x, (6,), backend="torch")
+        DF.gelu(x, backend="torch")
+        DF.geglu(x, backend="torch")
+        DF.linear_gelu(x, torch.randn(3, 6, device=DEVICE), backend="torch")
+        DF.group_norm(x, 2, backend="torch", activation="silu")
+        DF.conv2d(x, w, padding=1, backend="torch")
+        DF.scaled_dot_product_attention(q, q, q, backend="torch")
+    DF.layer_norm(x, (6,), backend="torch")  # profiling off again: nothing
+    names = ["layer_norm", "add_rms_norm", "gelu", "geglu", "linear_gelu", "group_norm", "conv2d",
+             "scaled_dot_product_attention"]
+    assert tree(events) == [(f"dlh::{n}[torch]", []) for n in names]
 
 
 def test_profile_steps_brackets_only_the_measured_steps(events):

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc, _backend
+from .. import _alloc, _backend, profiling
 from .._op import KernelOp
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -472,8 +472,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     c = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     be = _pick(backend, query, c, attn_mask, dropout_p)
     if be == "torch":
-        return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
-                                              scale=scale, enable_gqa=enable_gqa)
+        with profiling.torch_range("scaled_dot_product_attention"):
+            return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                                  scale=scale, enable_gqa=enable_gqa)
     q4, k4, v4, m4 = _canonical(c, query, key, value, attn_mask)
     seed = draw_seed(query.device) if dropout_p > 0.0 else None
     scale = 1.0 / math.sqrt(c.D) if scale is None else float(scale)

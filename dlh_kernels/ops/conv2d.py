@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc, _backend, _ext
+from .. import _alloc, _backend, _ext, profiling
 from .._op import KernelOp
 from .gelu import gelu_grad_reference
 
@@ -378,8 +378,9 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     stride, pad, dilation, act = _check(input, weight, bias, stride, padding, dilation, groups, activation)
     be = _backend.choose("conv2d", backend, input.device.type, _supports(input))
     if be == "torch":
-        out = activation_reference(_torch_z(input, weight, bias, stride, pad, dilation, groups),
-                                   activation, negative_slope)
+        with profiling.torch_range("conv2d"):
+            out = activation_reference(_torch_z(input, weight, bias, stride, pad, dilation, groups),
+                                       activation, negative_slope)
     else:
         out = conv2d_op(input, weight, bias, stride, pad, dilation, groups, act, float(negative_slope), be)
     return out.squeeze(0) if unbatched else out

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc, _backend, _ext
+from .. import _alloc, _backend, _ext, profiling
 from .._op import KernelOp
 from .layer_norm import _rows
 
@@ -443,9 +443,10 @@ def gelu(input: torch.Tensor, approximate: str = "none", *, bias: Optional[torch
     tanh = _check_gelu(input, approximate, bias)
     be = _backend.choose("gelu", backend, input.device.type, _supports_elementwise(input, bias))
     if be == "torch":
-        if bias is None:
-            return F.gelu(input, approximate=approximate)
-        return F.gelu(input + bias, approximate=approximate).to(input.dtype)
+        with profiling.torch_range("gelu"):
+            if bias is None:
+                return F.gelu(input, approximate=approximate)
+            return F.gelu(input + bias, approximate=approximate).to(input.dtype)
     return gelu_op(input, bias, tanh, be)
 
 
@@ -454,8 +455,9 @@ def geglu(input: torch.Tensor, approximate: str = "none", *, backend: Optional[s
     tanh = _check_geglu(input, approximate)
     be = _backend.choose("geglu", backend, input.device.type, _supports_elementwise(input))
     if be == "torch":
-        a, gate = input.chunk(2, -1)
-        return a * F.gelu(gate, approximate=approximate)
+        with profiling.torch_range("geglu"):
+            a, gate = input.chunk(2, -1)
+            return a * F.gelu(gate, approximate=approximate)
     return geglu_op(input, tanh, be)
 
 
@@ -465,7 +467,8 @@ def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     tanh = _check_linear_gelu(input, weight, bias, approximate)
     be = _backend.choose("linear_gelu", backend, input.device.type, _supports_linear_gelu(input))
     if be == "torch":
-        return F.gelu(F.linear(input, weight, bias), approximate=approximate)
+        with profiling.torch_range("linear_gelu"):
+            return F.gelu(F.linear(input, weight, bias), approximate=approximate)
     return linear_gelu_op(input, weight, bias, tanh, be)
 
 

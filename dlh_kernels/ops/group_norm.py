@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc, _backend, _ext
+from .. import _alloc, _backend, _ext, profiling
 from .._op import KernelOp
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -386,12 +386,13 @@ def group_norm(input: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
     _check(input, num_groups, weight, bias, activation)
     be = _backend.choose("group_norm", backend, input.device.type, _supports(input))
     if be == "torch":
-        if weight is None and bias is not None:
-            # eager's backward fails with a bias but no weight ("tensor does not have a device",
-            # torch 2.13 CPU): a weight of ones is the same function, with the same rounding
-            weight = torch.ones_like(bias)
-        y = F.group_norm(input, num_groups, weight, bias, eps)
-        return F.silu(y) if activation == "silu" else y
+        with profiling.torch_range("group_norm"):
+            if weight is None and bias is not None:
+                # eager's backward fails with a bias but no weight ("tensor does not have a device",
+                # torch 2.13 CPU): a weight of ones is the same function, with the same rounding
+                weight = torch.ones_like(bias)
+            y = F.group_norm(input, num_groups, weight, bias, eps)
+            return F.silu(y) if activation == "silu" else y
     return group_norm_op(input, weight, bias, num_groups, eps, activation or "none", be)[0]
 
 

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc, _backend, _ext
+from .. import _alloc, _backend, _ext, profiling
 from .._op import KernelOp
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -330,7 +330,8 @@ def layer_norm(input: torch.Tensor, normalized_shape: ShapeLike, weight: Optiona
     shape, n = _check("layer_norm", input, normalized_shape, weight, bias)
     be = _pick("layer_norm", backend, input, weight, bias)
     if be == "torch":
-        return F.layer_norm(input, shape, weight, bias, eps)
+        with profiling.torch_range("layer_norm"):
+            return F.layer_norm(input, shape, weight, bias, eps)
     return layer_norm_op(input, weight, bias, n, eps, be)[0]
 
 
@@ -340,7 +341,8 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeLike, weight: Optional[
     shape, n = _check("rms_norm", input, normalized_shape, weight, None)
     be = _pick("rms_norm", backend, input, weight, None)
     if be == "torch":
-        return F.rms_norm(input, shape, weight, eps)
+        with profiling.torch_range("rms_norm"):
+            return F.rms_norm(input, shape, weight, eps)
     eps = torch.finfo(input.dtype).eps if eps is None else eps
     return rms_norm_op(input, weight, n, eps, be)[0]
 
@@ -352,8 +354,9 @@ def add_layer_norm(input: torch.Tensor, residual: torch.Tensor, normalized_shape
     shape, n = _check("add_layer_norm", input, normalized_shape, weight, bias, residual)
     be = _pick("add_layer_norm", backend, input, weight, bias)
     if be == "torch":
-        h = input + residual
-        return F.layer_norm(h, shape, weight, bias, eps), h
+        with profiling.torch_range("add_layer_norm"):
+            h = input + residual
+            return F.layer_norm(h, shape, weight, bias, eps), h
     y, h = add_layer_norm_op(input, residual, weight, bias, n, eps, be)[:2]
     return y, h
 
@@ -365,8 +368,9 @@ def add_rms_norm(input: torch.Tensor, residual: torch.Tensor, normalized_shape: 
     shape, n = _check("add_rms_norm", input, normalized_shape, weight, None, residual)
     be = _pick("add_rms_norm", backend, input, weight, None)
     if be == "torch":
-        h = input + residual
-        return F.rms_norm(h, shape, weight, eps), h
+        with profiling.torch_range("add_rms_norm"):
+            h = input + residual
+            return F.rms_norm(h, shape, weight, eps), h
     eps = torch.finfo(input.dtype).eps if eps is None else eps
     y, h = add_rms_norm_op(input, residual, weight, n, eps, be)[:2]
     return y, h
