@@ -27,6 +27,8 @@
 // four banks, so the eight row addresses of every ldmatrix hit distinct banks, for each head dim.
 // Masks (optional): bool (one byte per element, nonzero = attend) or fp32 additive, of any
 // broadcast shape through four strides (0 for broadcast dims); read per element, in the epilogue.
+// Dropout (optional): the Triton kernels' Philox keep mask, element for element (same seed, same
+// mask); the softmax sums keep every probability, O sums the kept ones, times 1 / (1 - p).
 // Head dims: 32, 64, 96, 128, 256 forward; up to 128 backward (dK and dV for 256 would not fit
 // in registers). Q, K, V need unit stride along the head dim, row strides that are multiples of
 // 8 elements and 16-byte aligned bases (cp.async moves 16 bytes); the Python glue copies
@@ -53,6 +55,7 @@ struct AttnParams {
   const void* k;
   const void* v;
   const void* mask;  // nullptr: none
+  const int64_t* seed;  // dropout: the Philox seed (device, one int64)
   void* out;
   float* lse;          // forward output, (B, Hq, L) contiguous
   const void* dout;    // backward inputs
@@ -66,7 +69,8 @@ struct AttnParams {
   int64_t sm[4];  // mask (batch, head, row, col)
   int B, Hq, Hkv, L, S, group, mask_kind, blocks_per_head;
   float scale, scale_log2;
-  bool causal;
+  float dropout_p, keep_scale;  // keep_scale = 1 / (1 - dropout_p)
+  bool causal, dropout;
 };
 
 __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
@@ -192,6 +196,18 @@ __device__ __forceinline__ float masked(const AttnParams& p, const unsigned char
   return s;
 }
 
+// Dropout: whether score (row, col) of query head bh = b * Hq + h is kept. The Triton kernels'
+// stream exactly (tl.rand(seed, (bh * L + row) * S + col) >= dropout_p), so one seed gives one
+// mask on both backends (and ops.attention.dropout_mask reproduces it).
+__device__ __forceinline__ bool kept(const AttnParams& p, uint64_t seed, int64_t bh, int row, int col) {
+  return philox_uniform(seed, static_cast<uint64_t>((bh * p.L + row) * p.S + col)) >= p.dropout_p;
+}
+
+template <bool DROPOUT>
+__device__ __forceinline__ uint64_t dropout_seed(const AttnParams& p) {
+  return DROPOUT ? static_cast<uint64_t>(*p.seed) : 0;
+}
+
 // The tile [m0, m0+bm) x [n0, n0+bn) needs no per-element test.
 __device__ __forceinline__ bool interior(const AttnParams& p, int m0, int bm, int n0, int bn) {
   return p.mask_kind == 0 && m0 + bm <= p.L && n0 + bn <= p.S && (!p.causal || n0 + bn - 1 <= m0);
@@ -230,7 +246,7 @@ __device__ __forceinline__ BlockPos block_pos(int heads, int blocks) {
 // =====================================================================================================
 // Forward
 // =====================================================================================================
-template <typename T, int D, int BN, bool Q_IN_REGS>
+template <typename T, int D, int BN, bool Q_IN_REGS, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnParams p) {
   constexpr int BM = 64, LD = D + 8;
   DLH_DYNAMIC_SMEM(smem_raw);
@@ -247,6 +263,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
   const T* k = static_cast<const T*>(p.k) + pos.b * p.sk[0] + hk * p.sk[1];
   const T* v = static_cast<const T*>(p.v) + pos.b * p.sv[0] + hk * p.sv[1];
   const unsigned char* mask = mask_slice(p, pos.b, pos.h);
+  const uint64_t seed = dropout_seed<DROPOUT>(p);
+  const int64_t bh = static_cast<int64_t>(pos.b) * p.Hq + pos.h;
 
   const int n_end = p.causal ? (p.S < m0 + BM ? p.S : m0 + BM) : p.S;
   const int tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
@@ -335,6 +353,13 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
       }
     }
 
+    if constexpr (DROPOUT) {  // the row sums keep every p; O sums the kept ones (rescaled at the end)
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!kept(p, seed, bh, m0 + wm + g + 8 * (e >> 1), n0 + nt * 8 + 2 * t + (e & 1))) s[nt][e] = 0.f;
+    }
     mma_p_b<BN, D, LD>(o, s, cV);  // O += P V
     __syncthreads();  // every warp is done with this buffer before it is refilled
   }
@@ -345,7 +370,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     l[i] = quad_sum(row_sum[i]);
-    inv[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    inv[i] = l[i] > 0.f ? p.keep_scale / l[i] : 0.f;
   }
   T* out = static_cast<T*>(p.out) + pos.b * p.so[0] + pos.h * p.so[1];
   store_rows<D>(out, p.so[2], o, m0 + wm, p.L, inv);
@@ -379,7 +404,7 @@ __global__ void __launch_bounds__(kThreads) attention_delta_kernel(const AttnPar
 }
 
 // dK, dV for BN = 64 keys of one (batch, K/V head): every query head of the group, every query tile.
-template <typename T, int D, int BM>
+template <typename T, int D, int BM, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnParams p) {
   constexpr int BN = 64, LD = D + 8;
   DLH_DYNAMIC_SMEM(smem_raw);
@@ -396,6 +421,7 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
   const int wn = warp * 16;
   const T* k = static_cast<const T*>(p.k) + pos.b * p.sk[0] + pos.h * p.sk[1];
   const T* v = static_cast<const T*>(p.v) + pos.b * p.sv[0] + pos.h * p.sv[1];
+  const uint64_t seed = dropout_seed<DROPOUT>(p);
 
   // query tiles that see these keys: all, or (causal) those with a row >= n0
   const int m_tiles = (p.L + BM - 1) / BM;
@@ -441,6 +467,7 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
     const float* cL = sL + buf * BM;
     const float* cD = sD + buf * BM;
     const unsigned char* mask = mask_slice(p, pos.b, h);
+    const int64_t bh = static_cast<int64_t>(pos.b) * p.Hq + h;
 
     // S^T = K Q^T and dP^T = V dO^T (16 keys x BM queries per warp)
     float st[BM / 8][4], dpt[BM / 8][4];
@@ -460,8 +487,14 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
         float x = st[nt][e] * p.scale_log2;
         if (!full) x = masked(p, mask, m0 + col, key, x);
         const float pr = exp2f(x - cL[col]);
-        st[nt][e] = pr;
-        dpt[nt][e] = pr * (dpt[nt][e] - cD[col]);
+        float dp = dpt[nt][e], pd = pr;  // dropout: dV sees the kept, rescaled P; dP is masked alike
+        if constexpr (DROPOUT) {
+          const bool k = kept(p, seed, bh, m0 + col, key);
+          pd = k ? pr * p.keep_scale : 0.f;
+          dp = k ? dp * p.keep_scale : 0.f;
+        }
+        st[nt][e] = pd;
+        dpt[nt][e] = pr * (dp - cD[col]);
       }
     }
 
@@ -479,7 +512,7 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
 }
 
 // dQ for BM = 64 query rows of one (batch, query head): the forward's loop over key tiles.
-template <typename T, int D, int BN>
+template <typename T, int D, int BN, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttnParams p) {
   constexpr int BM = 64, LD = D + 8;
   DLH_DYNAMIC_SMEM(smem_raw);
@@ -498,7 +531,9 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttnParams
   const T* k = static_cast<const T*>(p.k) + pos.b * p.sk[0] + hk * p.sk[1];
   const T* v = static_cast<const T*>(p.v) + pos.b * p.sv[0] + hk * p.sv[1];
   const unsigned char* mask = mask_slice(p, pos.b, pos.h);
-  const int64_t rows = (static_cast<int64_t>(pos.b) * p.Hq + pos.h) * p.L;
+  const uint64_t seed = dropout_seed<DROPOUT>(p);
+  const int64_t bh = static_cast<int64_t>(pos.b) * p.Hq + pos.h;
+  const int64_t rows = bh * p.L;
   float lse[2], delta[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -545,10 +580,12 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttnParams
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = e >> 1;
+        const int i = e >> 1, row = m0 + wm + g + 8 * i, col = n0 + nt * 8 + 2 * t + (e & 1);
         float x = s[nt][e] * p.scale_log2;
-        if (!full) x = masked(p, mask, m0 + wm + g + 8 * i, n0 + nt * 8 + 2 * t + (e & 1), x);
-        dp[nt][e] = exp2f(x - lse[i]) * (dp[nt][e] - delta[i]);
+        if (!full) x = masked(p, mask, row, col, x);
+        float d = dp[nt][e];
+        if constexpr (DROPOUT) d = kept(p, seed, bh, row, col) ? d * p.keep_scale : 0.f;
+        dp[nt][e] = exp2f(x - lse[i]) * (d - delta[i]);
       }
     }
 
@@ -586,6 +623,13 @@ void dispatch_head_dim(int64_t D, F&& f) {
     case 128: f(std::integral_constant<int, 128>{}); break;
     default: f(std::integral_constant<int, 256>{}); break;
   }
+}
+
+// Calls f(std::integral_constant<bool, flag>{}).
+template <typename F>
+void dispatch_bool(bool flag, F&& f) {
+  if (flag) f(std::true_type{});
+  else f(std::false_type{});
 }
 
 // Kernels that want more than 48 KiB of shared memory must say so before their launch.
@@ -634,7 +678,10 @@ void check_sizes(const char* fn, int64_t B, int64_t Hq, int64_t Hkv, int64_t L, 
 }
 
 AttnParams make_params(int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t S, int mask_kind, std::uintptr_t mask,
-                       const int64_t* mask_strides, float scale, bool causal) {
+                       const int64_t* mask_strides, float scale, bool causal, std::uintptr_t seed, float dropout_p,
+                       const char* fn) {
+  check_arg(dropout_p >= 0.f && dropout_p < 1.f, fn, "dropout_p must be in [0, 1), got " + std::to_string(dropout_p));
+  if (dropout_p > 0.f) check_present(fn, "seed", seed);
   AttnParams p{};
   p.B = static_cast<int>(B);
   p.Hq = static_cast<int>(Hq);
@@ -648,6 +695,10 @@ AttnParams make_params(int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t S,
   p.scale = scale;
   p.scale_log2 = scale * kLog2e;
   p.causal = causal;
+  p.dropout = dropout_p > 0.f;
+  p.dropout_p = dropout_p;
+  p.keep_scale = 1.f / (1.f - dropout_p);
+  p.seed = reinterpret_cast<const int64_t*>(seed);
   return p;
 }
 
@@ -678,7 +729,8 @@ void attention_fwd(const AttentionFwdArgs& a) {
   check_arg(a.strides[11] % 2 == 0 && a.out % 4 == 0, fn, "out must be 4-byte aligned with an even row stride");
   check_device(fn);
 
-  AttnParams p = make_params(a.B, a.Hq, a.Hkv, a.L, a.S, a.mask_kind, a.mask, a.strides + 12, a.scale, a.causal);
+  AttnParams p = make_params(a.B, a.Hq, a.Hkv, a.L, a.S, a.mask_kind, a.mask, a.strides + 12, a.scale, a.causal,
+                             a.seed, a.dropout_p, fn);
   p.q = reinterpret_cast<const void*>(a.q);
   p.k = reinterpret_cast<const void*>(a.k);
   p.v = reinterpret_cast<const void*>(a.v);
@@ -698,10 +750,13 @@ void attention_fwd(const AttentionFwdArgs& a) {
       dispatch_head_dim(a.D, [&](auto dim) {
         constexpr int D = decltype(dim)::value;
         constexpr int64_t smem = fwd_smem(D);
-        auto kernel = attention_fwd_kernel<T, D, fwd_bn(D), (D <= 128)>;
-        allow_smem(reinterpret_cast<const void*>(kernel), smem, fn);
-        attention_fwd_kernel<T, D, fwd_bn(D), (D <= 128)><<<dim3(grid), dim3(kThreads), smem, stream>>>(p);
-        check_launch("attention_fwd_kernel");
+        dispatch_bool(p.dropout, [&](auto drop) {
+          constexpr bool DROPOUT = decltype(drop)::value;
+          auto kernel = attention_fwd_kernel<T, D, fwd_bn(D), (D <= 128), DROPOUT>;
+          allow_smem(reinterpret_cast<const void*>(kernel), smem, fn);
+          attention_fwd_kernel<T, D, fwd_bn(D), (D <= 128), DROPOUT><<<dim3(grid), dim3(kThreads), smem, stream>>>(p);
+          check_launch("attention_fwd_kernel");
+        });
       });
     }
   });
@@ -723,7 +778,8 @@ void attention_bwd(const AttentionBwdArgs& a) {
   check_present(fn, "delta", a.delta);
   check_device(fn);
 
-  AttnParams p = make_params(a.B, a.Hq, a.Hkv, a.L, a.S, a.mask_kind, a.mask, a.strides + 24, a.scale, a.causal);
+  AttnParams p = make_params(a.B, a.Hq, a.Hkv, a.L, a.S, a.mask_kind, a.mask, a.strides + 24, a.scale, a.causal,
+                             a.seed, a.dropout_p, fn);
   p.dout = reinterpret_cast<const void*>(a.dout);
   p.q = reinterpret_cast<const void*>(a.q);
   p.k = reinterpret_cast<const void*>(a.k);
@@ -755,15 +811,16 @@ void attention_bwd(const AttentionBwdArgs& a) {
       }
       dispatch_head_dim(a.D, [&](auto dim) {
         constexpr int D = decltype(dim)::value;
-        if constexpr (D <= 128) {
+        if constexpr (D <= 128) dispatch_bool(p.dropout, [&](auto drop) {
+          constexpr bool DROPOUT = decltype(drop)::value;
           if (a.S > 0) {
             AttnParams pk = p;
             pk.blocks_per_head = static_cast<int>(ceil_div(a.S, 64));
             const unsigned grid = grid_of(a.B * a.Hkv * pk.blocks_per_head, fn);
             constexpr int64_t smem = dkdv_smem(D);
-            auto kernel = attention_dkdv_kernel<T, D, dkdv_bm(D)>;
+            auto kernel = attention_dkdv_kernel<T, D, dkdv_bm(D), DROPOUT>;
             allow_smem(reinterpret_cast<const void*>(kernel), smem, fn);
-            attention_dkdv_kernel<T, D, dkdv_bm(D)><<<dim3(grid), dim3(kThreads), smem, stream>>>(pk);
+            attention_dkdv_kernel<T, D, dkdv_bm(D), DROPOUT><<<dim3(grid), dim3(kThreads), smem, stream>>>(pk);
             check_launch("attention_dkdv_kernel");
           }
           if (a.L > 0) {
@@ -771,12 +828,12 @@ void attention_bwd(const AttentionBwdArgs& a) {
             pq.blocks_per_head = static_cast<int>(ceil_div(a.L, 64));
             const unsigned grid = grid_of(a.B * a.Hq * pq.blocks_per_head, fn);
             constexpr int64_t smem = dq_smem(D);
-            auto kernel = attention_dq_kernel<T, D, dq_bn(D)>;
+            auto kernel = attention_dq_kernel<T, D, dq_bn(D), DROPOUT>;
             allow_smem(reinterpret_cast<const void*>(kernel), smem, fn);
-            attention_dq_kernel<T, D, dq_bn(D)><<<dim3(grid), dim3(kThreads), smem, stream>>>(pq);
+            attention_dq_kernel<T, D, dq_bn(D), DROPOUT><<<dim3(grid), dim3(kThreads), smem, stream>>>(pq);
             check_launch("attention_dq_kernel");
           }
-        }
+        });
       });
     }
   });

@@ -276,40 +276,45 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "attention_fwd",
-      [](ptr_t q, ptr_t k, ptr_t v, ptr_t mask, ptr_t out, ptr_t lse, int64_t B, int64_t Hq, int64_t Hkv,
-         int64_t L, int64_t S, int64_t D, py::sequence strides, int mask_kind, double scale, bool causal,
-         int dtype, ptr_t stream) {
+      [](ptr_t q, ptr_t k, ptr_t v, ptr_t mask, ptr_t seed, ptr_t out, ptr_t lse, int64_t B, int64_t Hq,
+         int64_t Hkv, int64_t L, int64_t S, int64_t D, py::sequence strides, int mask_kind, double scale,
+         double dropout_p, bool causal, int dtype, ptr_t stream) {
         dlh::check_arg(py::len(strides) == 16, "attention_fwd",
                        "strides must hold 16 values (q, k, v, out: 3 each; mask: 4)");
-        dlh::AttentionFwdArgs args{q, k, v, mask, out, lse, B, Hq, Hkv, L, S, D, {}, mask_kind,
-                                   static_cast<float>(scale), causal, dtype, stream};
+        dlh::AttentionFwdArgs args{q, k, v, mask, seed, out, lse, B, Hq, Hkv, L, S, D, {}, mask_kind,
+                                   static_cast<float>(scale), static_cast<float>(dropout_p), causal, dtype,
+                                   stream};
         for (int i = 0; i < 16; ++i) args.strides[i] = strides[i].cast<int64_t>();
         py::gil_scoped_release no_gil;
         dlh::attention_fwd(args);
       },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("out"), py::arg("lse"), py::arg("B"),
-      py::arg("Hq"), py::arg("Hkv"), py::arg("L"), py::arg("S"), py::arg("D"), py::arg("strides"),
-      py::arg("mask_kind"), py::arg("scale"), py::arg("causal"), py::arg("dtype"), py::arg("stream"),
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("seed"), py::arg("out"), py::arg("lse"),
+      py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("L"), py::arg("S"), py::arg("D"), py::arg("strides"),
+      py::arg("mask_kind"), py::arg("scale"), py::arg("dropout_p"), py::arg("causal"), py::arg("dtype"),
+      py::arg("stream"),
       "out = softmax(scale * q k^T [+ mask]) v and lse (fp32, base 2; +inf for rows that see no key).\n"
-      "mask_kind 0 none, 1 bool (bytes), 2 fp32 additive.");
+      "mask_kind 0 none, 1 bool (bytes), 2 fp32 additive. dropout_p > 0: seed is a device pointer to the\n"
+      "int64 Philox seed (the Triton kernels' keep mask for that seed).");
 
   m.def(
       "attention_bwd",
-      [](ptr_t dout, ptr_t q, ptr_t k, ptr_t v, ptr_t out, ptr_t lse, ptr_t mask, ptr_t dq, ptr_t dk, ptr_t dv,
-         ptr_t delta, int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t S, int64_t D, py::sequence strides,
-         int mask_kind, double scale, bool causal, int dtype, ptr_t stream) {
+      [](ptr_t dout, ptr_t q, ptr_t k, ptr_t v, ptr_t out, ptr_t lse, ptr_t mask, ptr_t seed, ptr_t dq, ptr_t dk,
+         ptr_t dv, ptr_t delta, int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t S, int64_t D,
+         py::sequence strides, int mask_kind, double scale, double dropout_p, bool causal, int dtype,
+         ptr_t stream) {
         dlh::check_arg(py::len(strides) == 28, "attention_bwd",
                        "strides must hold 28 values (dout, q, k, v, out, dq, dk, dv: 3 each; mask: 4)");
-        dlh::AttentionBwdArgs args{dout, q, k, v, out, lse, mask, dq, dk, dv, delta, B, Hq, Hkv, L, S, D, {},
-                                   mask_kind, static_cast<float>(scale), causal, dtype, stream};
+        dlh::AttentionBwdArgs args{dout, q, k, v, out, lse, mask, seed, dq, dk, dv, delta, B, Hq, Hkv, L, S, D, {},
+                                   mask_kind, static_cast<float>(scale), static_cast<float>(dropout_p), causal,
+                                   dtype, stream};
         for (int i = 0; i < 28; ++i) args.strides[i] = strides[i].cast<int64_t>();
         py::gil_scoped_release no_gil;
         dlh::attention_bwd(args);
       },
       py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("mask"),
-      py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"),
-      py::arg("L"), py::arg("S"), py::arg("D"), py::arg("strides"), py::arg("mask_kind"), py::arg("scale"),
-      py::arg("causal"), py::arg("dtype"), py::arg("stream"),
+      py::arg("seed"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("B"), py::arg("Hq"),
+      py::arg("Hkv"), py::arg("L"), py::arg("S"), py::arg("D"), py::arg("strides"), py::arg("mask_kind"),
+      py::arg("scale"), py::arg("dropout_p"), py::arg("causal"), py::arg("dtype"), py::arg("stream"),
       "Backward of attention_fwd: dq, dk, dv (overwritten; dk/dv summed over each K/V head's query heads),\n"
       "deterministic; delta: (B, Hq, L) fp32 scratch.");
 }

@@ -186,12 +186,13 @@ void conv2d_fwd(const Conv2dFwdArgs& args);
 // (batch, head, seq) per tensor in elements, the head dim contiguous; then the mask's (batch,
 // head, row, col), 0 for broadcast dims. mask_kind: 0 none, 1 bool (1 byte, nonzero attends),
 // 2 fp32 added to the scaled scores. causal: key j attends query i iff j <= i (top-left).
+// dropout_p > 0: seed points at the int64 Philox seed on the device (the Triton kernels' stream).
 struct AttentionFwdArgs {
-  std::uintptr_t q, k, v, mask, out, lse;
+  std::uintptr_t q, k, v, mask, seed, out, lse;
   int64_t B, Hq, Hkv, L, S, D;
   int64_t strides[16];  // q, k, v, out (3 each), mask (4)
   int mask_kind;
-  float scale;
+  float scale, dropout_p;
   bool causal;
   int dtype;
   std::uintptr_t stream;
@@ -199,11 +200,11 @@ struct AttentionFwdArgs {
 // Backward: dq (B, Hq, L, D), dk/dv (B, Hkv, S, D) overwritten (dk/dv summed over each group's
 // query heads); delta: (B, Hq, L) fp32 scratch.
 struct AttentionBwdArgs {
-  std::uintptr_t dout, q, k, v, out, lse, mask, dq, dk, dv, delta;
+  std::uintptr_t dout, q, k, v, out, lse, mask, seed, dq, dk, dv, delta;
   int64_t B, Hq, Hkv, L, S, D;
   int64_t strides[28];  // dout, q, k, v, out, dq, dk, dv (3 each), mask (4)
   int mask_kind;
-  float scale;
+  float scale, dropout_p;
   bool causal;
   int dtype;
   std::uintptr_t stream;
@@ -343,6 +344,45 @@ __device__ __forceinline__ float2 block_sum2(float2 v, float2* buf) {
     total.y += buf[i].y;
   }
   return total;
+}
+
+// ---- Triton's Philox stream ---------------------------------------------------------------------
+// tl.rand / tl.randn (seed, index): Philox4x32-10 of the counter (index low word, index high
+// word, 0, 0) keyed by the 64-bit seed (k0 = low word, k1 = high word); words 0 and 1 out.
+__device__ __forceinline__ uint32_t mulhi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);  // one mul.hi.u32
+}
+
+__device__ __forceinline__ void philox_words(uint64_t seed, uint64_t index, uint32_t& w0, uint32_t& w1) {
+  uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hi_b = mulhi32(0xCD9E8D57u, c2), hi_a = mulhi32(0xD2511F53u, c0);
+    const uint32_t lo_b = 0xCD9E8D57u * c2, lo_a = 0xD2511F53u * c0;
+    c0 = hi_b ^ c1 ^ k0;
+    c2 = hi_a ^ c3 ^ k1;
+    c1 = lo_b;
+    c3 = lo_a;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  w0 = c0;
+  w1 = c1;
+}
+
+// Triton's uint_to_uniform_float: a word to [0, 1).
+__device__ __forceinline__ float uniform01(uint32_t word) {
+  int32_t v = static_cast<int32_t>(word);
+  if (v < 0) v = ~v;
+  return static_cast<float>(v) * 4.6566127342e-10f;
+}
+
+// tl.rand(seed, index)
+__device__ __forceinline__ float philox_uniform(uint64_t seed, uint64_t index) {
+  uint32_t w0, w1;
+  philox_words(seed, index, w0, w1);
+  return uniform01(w0);
 }
 
 // ---- dtype dispatch ----------------------------------------------------------------------------

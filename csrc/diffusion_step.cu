@@ -82,31 +82,10 @@ struct StepParams {
 };
 
 // ---- the noise stream --------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t mulhi32(uint32_t a, uint32_t b) {
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);  // one mul.hi.u32
-}
-
-__device__ __forceinline__ float uniform01(uint32_t word) {
-  int32_t v = static_cast<int32_t>(word);
-  if (v < 0) v = ~v;
-  return static_cast<float>(v) * 4.6566127342e-10f;
-}
-
-// tl.randn(seed, index): Philox4x32-10, then Box-Muller of words 0 and 1.
+// tl.randn(seed, index): Philox4x32-10 (common.cuh), then Box-Muller of words 0 and 1.
 __device__ __forceinline__ float philox_normal(uint64_t seed, uint64_t index) {
-  uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-#pragma unroll
-  for (int round = 0; round < 10; ++round) {
-    const uint32_t hi_b = mulhi32(0xCD9E8D57u, c2), hi_a = mulhi32(0xD2511F53u, c0);
-    const uint32_t lo_b = 0xCD9E8D57u * c2, lo_a = 0xD2511F53u * c0;
-    c0 = hi_b ^ c1 ^ k0;
-    c2 = hi_a ^ c3 ^ k1;
-    c1 = lo_b;
-    c3 = lo_a;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
+  uint32_t c0, c1;
+  philox_words(seed, index, c0, c1);
   const float u1 = fmaxf(1.0e-7f, uniform01(c0));
   const float u2 = uniform01(c1);
   return sqrtf(-2.0f * logf(u1)) * cosf(6.283185307179586f * u2);

@@ -79,6 +79,29 @@ def test_gpu_masks(kind):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_gpu_dropout_matches_the_triton_keep_mask(is_causal):
+    q, k, v = make_qkv(2, 4, 2, 150, 170, 64, 64, BF16)
+    torch.manual_seed(99)
+    ours = DF.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=is_causal, enable_gqa=True,
+                                           backend="cuda")
+    torch.manual_seed(99)
+    seed = attn.draw_seed(q.device)
+    keep = attn.dropout_mask(q, k, 0.25, seed)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attn.attention_reference(*ref_in, None, 0.25, is_causal, None, True, keep=keep)
+    eager_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    eager = attn.attention_reference(*eager_in, None, 0.25, is_causal, None, True, keep=keep)
+    assert_close(ours, ref, eager, BF16, "out")
+    g = torch.randn_like(ours)
+    ours.backward(g)
+    ref.backward(g.double())
+    eager.backward(g)
+    for name, t, rt, et in zip("qkv", (q, k, v), ref_in, eager_in):
+        assert_close(t.grad, rt.grad, et.grad, BF16, f"grad {name}")
+
+
+@pytest.mark.gpu
 def test_gpu_layouts_and_empty():
     check_call("cuda", *make_qkv(2, 4, 4, 100, 100, 64, 64, BF16, layout="bshd"), is_causal=True)
     q, k, v = make_qkv(0, 2, 2, 8, 8, 64, 64, F16)
@@ -135,14 +158,14 @@ class _EmulatedAttentionExt:
 
         U, I = ctypes.c_uint64, ctypes.c_int64  # noqa: E741
         sizes = [(n, I) for n in "B Hq Hkv L S D".split()]
-        tail = [("mask_kind", ctypes.c_int), ("scale", ctypes.c_float), ("causal", ctypes.c_bool),
-                ("dtype", ctypes.c_int), ("stream", U)]
+        tail = [("mask_kind", ctypes.c_int), ("scale", ctypes.c_float), ("dropout_p", ctypes.c_float),
+                ("causal", ctypes.c_bool), ("dtype", ctypes.c_int), ("stream", U)]
 
         class Fwd(ctypes.Structure):
-            _fields_ = [(n, U) for n in "q k v mask out lse".split()] + sizes + [("strides", I * 16)] + tail
+            _fields_ = [(n, U) for n in "q k v mask seed out lse".split()] + sizes + [("strides", I * 16)] + tail
 
         class Bwd(ctypes.Structure):
-            _fields_ = ([(n, U) for n in "dout q k v out lse mask dq dk dv delta".split()] + sizes
+            _fields_ = ([(n, U) for n in "dout q k v out lse mask seed dq dk dv delta".split()] + sizes
                         + [("strides", I * 28)] + tail)
 
         lib.emu_head_dim_supported.argtypes = [ctypes.c_longlong, ctypes.c_int]
@@ -198,20 +221,25 @@ def _mask(kind, B, H, L, S, g):
     return m
 
 
-def _check_emulated(A, B, Hq, Hkv, L, S, D, dtype, causal, mask_kind=None, layout="contiguous", grads=True):
+def _check_emulated(A, B, Hq, Hkv, L, S, D, dtype, causal, mask_kind=None, layout="contiguous", grads=True,
+                    dropout_p=0.0):
     torch.manual_seed(L * 1000 + S)
     q, k, v = make_qkv(B, Hq, Hkv, L, S, D, D, dtype, seed=L + S + D, layout=layout)
     mask = _mask(mask_kind, B, Hq, L, S, torch.Generator().manual_seed(11))
     scale = 1.0 / math.sqrt(D)
     gqa = Hq != Hkv
-    out, lse = A._cuda_fwd(q.detach(), k.detach(), v.detach(), mask, None, 0.0, causal, scale)
+    seed = keep = None
+    if dropout_p > 0:  # the reference drops what the Triton kernels' stream drops for this seed
+        seed = torch.tensor([(L * 7919 + S) * 104729 + 2**40], dtype=torch.int64)
+        keep = attn.dropout_mask((B, Hq, L), (B, Hkv, S), dropout_p, seed)
+    out, lse = A._cuda_fwd(q.detach(), k.detach(), v.detach(), mask, seed, dropout_p, causal, scale)
 
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = attn.attention_reference(*ref_in, mask if mask is None or mask.dtype == torch.bool else mask.double(),
-                                   0.0, causal, scale, gqa)
+                                   dropout_p, causal, scale, gqa, keep=keep)
     eager_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     eager = attn.attention_reference(*eager_in, None if mask is None else mask.to(torch.bool if mask.dtype
-                                     == torch.bool else dtype), 0.0, causal, scale, gqa)
+                                     == torch.bool else dtype), dropout_p, causal, scale, gqa, keep=keep)
     assert out.dtype == dtype and out.shape == ref.shape
     assert_close(out, ref, eager, dtype, "out")
 
@@ -228,8 +256,8 @@ def _check_emulated(A, B, Hq, Hkv, L, S, D, dtype, causal, mask_kind=None, layou
     if not grads:
         return
     do = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
-    dq, dk, dv, _ = A._cuda_bwd(do, q.detach(), k.detach(), v.detach(), out, lse, mask, None, 0.0, causal, scale,
-                                False, True)
+    dq, dk, dv, _ = A._cuda_bwd(do, q.detach(), k.detach(), v.detach(), out, lse, mask, seed, dropout_p, causal,
+                                scale, False, True)
     ref.backward(do.double())
     eager.backward(do)
     for name, ours, rt, et in zip(("query", "key", "value"), (dq, dk, dv), ref_in, eager_in):
@@ -255,6 +283,16 @@ def test_attention_emulated_on_cpu(cuda_glue, emulated_attention, B, Hq, Hkv, L,
                                    layout):
     _check_emulated(cuda_glue, B, Hq, Hkv, L, S, D, dtype, causal, mask, layout)
     assert emulated_attention.calls == ["fwd", "bwd"]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("B,Hq,Hkv,L,S,D,dtype,causal,mask,p", [
+    (1, 2, 1, 40, 70, 64, BF16, False, None, 0.3),    # 2 key tiles, MQA: the keep index uses the query head
+    (2, 1, 1, 70, 45, 32, F16, True, "bool", 0.5),    # 2 query blocks, causal, bool mask, batch 2
+])
+def test_attention_dropout_emulated_on_cpu(cuda_glue, B, Hq, Hkv, L, S, D, dtype, causal, mask, p):
+    """The CUDA kernels drop exactly the Triton kernels' keep mask for a seed (dropout_mask)."""
+    _check_emulated(cuda_glue, B, Hq, Hkv, L, S, D, dtype, causal, mask, dropout_p=p)
 
 
 @needs_nvcc
@@ -298,7 +336,7 @@ def _verdict(q, k, v, **kw):
 
 
 @pytest.mark.parametrize("case,match", [
-    ("fp32", "fp16/bf16"), ("hd80", "head dims"), ("dv", "value's head dim"), ("dropout", "no dropout"),
+    ("fp32", "fp16/bf16"), ("hd80", "head dims"), ("dv", "value's head dim"), ("dropout", None),
     ("hd256_grad", "backward takes head dims"), ("mask_grad", "additive mask"), ("ok", None), ("hd256_nograd", None),
 ])
 def test_cuda_capabilities(case, match):

@@ -166,9 +166,9 @@ def _cuda_fwd(q, k, v, mask, seed, dropout_p, is_causal, scale):
         return out.zero_(), lse.fill_(float("inf"))
     m, kind, mstrides = _cuda_mask(mask)
     strides = _strides3(q) + _strides3(k) + _strides3(v) + _strides3(out) + mstrides
-    _ext.ext().attention_fwd(_ext.ptr(q), _ext.ptr(k), _ext.ptr(v), _ext.ptr(m), _ext.ptr(out), _ext.ptr(lse),
-                             B, Hq, k.shape[1], L, k.shape[2], D, strides, kind, scale, is_causal,
-                             _ext.DTYPE_CODE[q.dtype], _ext.stream_handle(q.device))
+    _ext.ext().attention_fwd(_ext.ptr(q), _ext.ptr(k), _ext.ptr(v), _ext.ptr(m), _ext.ptr(seed), _ext.ptr(out),
+                             _ext.ptr(lse), B, Hq, k.shape[1], L, k.shape[2], D, strides, kind, scale,
+                             dropout_p, is_causal, _ext.DTYPE_CODE[q.dtype], _ext.stream_handle(q.device))
     return out, lse
 
 
@@ -186,9 +186,9 @@ def _cuda_bwd(do, q, k, v, out, lse, mask, seed, dropout_p, is_causal, scale, ma
     m, kind, mstrides = _cuda_mask(mask)
     strides = sum((_strides3(t) for t in (do, q, k, v, out, dq, dk, dv)), []) + mstrides
     _ext.ext().attention_bwd(_ext.ptr(do), _ext.ptr(q), _ext.ptr(k), _ext.ptr(v), _ext.ptr(out),
-                             _ext.ptr(lse.contiguous()), _ext.ptr(m), _ext.ptr(dq), _ext.ptr(dk),
-                             _ext.ptr(dv), _ext.ptr(delta), B, Hq, k.shape[1], L, k.shape[2], D, strides,
-                             kind, scale, is_causal, _ext.DTYPE_CODE[q.dtype],
+                             _ext.ptr(lse.contiguous()), _ext.ptr(m), _ext.ptr(seed), _ext.ptr(dq),
+                             _ext.ptr(dk), _ext.ptr(dv), _ext.ptr(delta), B, Hq, k.shape[1], L, k.shape[2], D,
+                             strides, kind, scale, dropout_p, is_causal, _ext.DTYPE_CODE[q.dtype],
                              _ext.stream_handle(q.device))
     return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
 
@@ -429,8 +429,6 @@ def _cuda_cannot(query, c: _Call, attn_mask, dropout_p) -> Optional[str]:
         return f"the cuda kernels need value's head dim ({c.Dv}) equal to query's ({c.D})"
     if c.D not in _CUDA_HEAD_DIMS_FWD:
         return f"the cuda kernels take head dims {_CUDA_HEAD_DIMS_FWD}, got {c.D}"
-    if dropout_p > 0.0:
-        return "the cuda kernels have no dropout (dropout_p must be 0)"
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         return "the cuda kernels compute no gradient for an additive mask"
     if c.D not in _CUDA_HEAD_DIMS_BWD and c.needs_grad:
