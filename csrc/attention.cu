@@ -61,6 +61,8 @@ struct AttnParams {
   const void* dout;    // backward inputs
   const float* lse_in;
   float* delta;        // (B, Hq, L) contiguous, written by the delta kernel
+  float* dscores;      // optional (B, Hq, L, S) fp32: dS, the additive mask's gradient before its
+                       // broadcast dims are summed (elements the kernels skip stay as given: 0)
   void* dq;
   void* dk;
   void* dv;
@@ -513,7 +515,7 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
 
 // dQ for BM = 64 query rows of one (batch, query head): the forward's loop over key tiles.
 template <typename T, int D, int BN, bool DROPOUT>
-__global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kThreads, 2) attention_dq_kernel(const AttnParams p) {
   constexpr int BM = 64, LD = D + 8;
   DLH_DYNAMIC_SMEM(smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -586,6 +588,7 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttnParams
         float d = dp[nt][e];
         if constexpr (DROPOUT) d = kept(p, seed, bh, row, col) ? d * p.keep_scale : 0.f;
         dp[nt][e] = exp2f(x - lse[i]) * (d - delta[i]);
+        if (p.dscores != nullptr && row < p.L && col < p.S) p.dscores[(bh * p.L + row) * p.S + col] = dp[nt][e];
       }
     }
 
@@ -790,6 +793,7 @@ void attention_bwd(const AttentionBwdArgs& a) {
   p.dv = reinterpret_cast<void*>(a.dv);
   p.lse_in = reinterpret_cast<const float*>(a.lse);
   p.delta = reinterpret_cast<float*>(a.delta);
+  p.dscores = reinterpret_cast<float*>(a.dscores);
   copy3(p.sdo, a.strides + 0);
   copy3(p.sq, a.strides + 3);
   copy3(p.sk, a.strides + 6);

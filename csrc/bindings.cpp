@@ -299,12 +299,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "attention_bwd",
       [](ptr_t dout, ptr_t q, ptr_t k, ptr_t v, ptr_t out, ptr_t lse, ptr_t mask, ptr_t seed, ptr_t dq, ptr_t dk,
-         ptr_t dv, ptr_t delta, int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t S, int64_t D,
+         ptr_t dv, ptr_t delta, ptr_t dscores, int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t S, int64_t D,
          py::sequence strides, int mask_kind, double scale, double dropout_p, bool causal, int dtype,
          ptr_t stream) {
         dlh::check_arg(py::len(strides) == 28, "attention_bwd",
                        "strides must hold 28 values (dout, q, k, v, out, dq, dk, dv: 3 each; mask: 4)");
-        dlh::AttentionBwdArgs args{dout, q, k, v, out, lse, mask, seed, dq, dk, dv, delta, B, Hq, Hkv, L, S, D, {},
+        dlh::AttentionBwdArgs args{dout, q, k, v, out, lse, mask, seed, dq, dk, dv, delta, dscores, B, Hq, Hkv, L, S, D, {},
                                    mask_kind, static_cast<float>(scale), static_cast<float>(dropout_p), causal,
                                    dtype, stream};
         for (int i = 0; i < 28; ++i) args.strides[i] = strides[i].cast<int64_t>();
@@ -312,9 +312,11 @@ PYBIND11_MODULE(_C, m) {
         dlh::attention_bwd(args);
       },
       py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("mask"),
-      py::arg("seed"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("B"), py::arg("Hq"),
+      py::arg("seed"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("dscores"), py::arg("B"),
+      py::arg("Hq"),
       py::arg("Hkv"), py::arg("L"), py::arg("S"), py::arg("D"), py::arg("strides"), py::arg("mask_kind"),
       py::arg("scale"), py::arg("dropout_p"), py::arg("causal"), py::arg("dtype"), py::arg("stream"),
       "Backward of attention_fwd: dq, dk, dv (overwritten; dk/dv summed over each K/V head's query heads),\n"
-      "deterministic; delta: (B, Hq, L) fp32 scratch.");
+      "deterministic; delta: (B, Hq, L) fp32 scratch; dscores (0: none): zero-filled (B, Hq, L, S) fp32 that\n"
+      "gets dS, the gradient of an additive mask before its broadcast dims are summed.");
 }

@@ -198,9 +198,10 @@ struct AttentionFwdArgs {
   std::uintptr_t stream;
 };
 // Backward: dq (B, Hq, L, D), dk/dv (B, Hkv, S, D) overwritten (dk/dv summed over each group's
-// query heads); delta: (B, Hq, L) fp32 scratch.
+// query heads); delta: (B, Hq, L) fp32 scratch; dscores (optional, 0: none): (B, Hq, L, S) fp32,
+// zero-filled by the caller, gets dS (the gradient of the scores = of an additive mask).
 struct AttentionBwdArgs {
-  std::uintptr_t dout, q, k, v, out, lse, mask, seed, dq, dk, dv, delta;
+  std::uintptr_t dout, q, k, v, out, lse, mask, seed, dq, dk, dv, delta, dscores;
   int64_t B, Hq, Hkv, L, S, D;
   int64_t strides[28];  // dout, q, k, v, out, dq, dk, dv (3 each), mask (4)
   int mask_kind;

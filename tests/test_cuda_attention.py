@@ -165,7 +165,7 @@ class _EmulatedAttentionExt:
             _fields_ = [(n, U) for n in "q k v mask seed out lse".split()] + sizes + [("strides", I * 16)] + tail
 
         class Bwd(ctypes.Structure):
-            _fields_ = ([(n, U) for n in "dout q k v out lse mask seed dq dk dv delta".split()] + sizes
+            _fields_ = ([(n, U) for n in "dout q k v out lse mask seed dq dk dv delta dscores".split()] + sizes
                         + [("strides", I * 28)] + tail)
 
         lib.emu_head_dim_supported.argtypes = [ctypes.c_longlong, ctypes.c_int]
@@ -234,12 +234,13 @@ def _check_emulated(A, B, Hq, Hkv, L, S, D, dtype, causal, mask_kind=None, layou
         keep = attn.dropout_mask((B, Hq, L), (B, Hkv, S), dropout_p, seed)
     out, lse = A._cuda_fwd(q.detach(), k.detach(), v.detach(), mask, seed, dropout_p, causal, scale)
 
+    additive = mask is not None and mask.dtype != torch.bool  # its gradient is checked too
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = attn.attention_reference(*ref_in, mask if mask is None or mask.dtype == torch.bool else mask.double(),
-                                   dropout_p, causal, scale, gqa, keep=keep)
+    ref_in.append(mask.double().requires_grad_() if additive else mask)
+    ref = attn.attention_reference(*ref_in, dropout_p, causal, scale, gqa, keep=keep)
     eager_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    eager = attn.attention_reference(*eager_in, None if mask is None else mask.to(torch.bool if mask.dtype
-                                     == torch.bool else dtype), dropout_p, causal, scale, gqa, keep=keep)
+    eager_in.append(mask.to(dtype).requires_grad_() if additive else mask)
+    eager = attn.attention_reference(*eager_in, dropout_p, causal, scale, gqa, keep=keep)
     assert out.dtype == dtype and out.shape == ref.shape
     assert_close(out, ref, eager, dtype, "out")
 
@@ -256,13 +257,16 @@ def _check_emulated(A, B, Hq, Hkv, L, S, D, dtype, causal, mask_kind=None, layou
     if not grads:
         return
     do = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
-    dq, dk, dv, _ = A._cuda_bwd(do, q.detach(), k.detach(), v.detach(), out, lse, mask, seed, dropout_p, causal,
-                                scale, False, True)
+    dq, dk, dv, dmask = A._cuda_bwd(do, q.detach(), k.detach(), v.detach(), out, lse, mask, seed, dropout_p,
+                                    causal, scale, additive, True)
     ref.backward(do.double())
     eager.backward(do)
     for name, ours, rt, et in zip(("query", "key", "value"), (dq, dk, dv), ref_in, eager_in):
         assert ours.dtype == dtype and ours.shape == rt.shape, name
         assert_close(ours, rt.grad, et.grad, dtype, f"grad {name}")
+    if additive:  # fp32, summed over the mask's broadcast dims (here: heads)
+        assert dmask.dtype == torch.float32 and dmask.shape == mask.shape
+        assert_close(dmask, ref_in[3].grad, eager_in[3].grad.float(), dtype, "grad attn_mask")
 
 
 # (B, Hq, Hkv, L, S, D, dtype, causal, mask, layout): each reaches a different part of the kernels
@@ -271,7 +275,7 @@ EMULATED_CASES = [
     (1, 1, 1, 70, 70, 32, BF16, True, None, "contiguous"),        # 2 query blocks, causal diagonal
     (1, 2, 2, 33, 50, 96, F16, False, "bool", "bshd"),            # hd 96, bool mask, a dead row, BSHD
     (1, 4, 2, 48, 40, 128, BF16, True, None, "contiguous"),       # GQA, hd 128 (BN/BM 32 backward)
-    (2, 1, 1, 20, 66, 64, BF16, False, "additive", "contiguous"), # fp32 additive mask with -inf
+    (2, 2, 2, 20, 66, 64, BF16, False, "additive", "contiguous"), # fp32 additive mask with -inf, its grad
     (1, 1, 1, 90, 30, 32, F16, True, None, "contiguous"),         # causal L > S: rows past S see all
     (1, 2, 1, 17, 100, 32, F16, True, None, "bshd"),              # causal L < S (MQA): keys past L unseen
 ]
@@ -337,7 +341,7 @@ def _verdict(q, k, v, **kw):
 
 @pytest.mark.parametrize("case,match", [
     ("fp32", "fp16/bf16"), ("hd80", "head dims"), ("dv", "value's head dim"), ("dropout", None),
-    ("hd256_grad", "backward takes head dims"), ("mask_grad", "additive mask"), ("ok", None), ("hd256_nograd", None),
+    ("hd256_grad", "backward takes head dims"), ("mask_grad", None), ("ok", None), ("hd256_nograd", None),
 ])
 def test_cuda_capabilities(case, match):
     dtype = torch.float32 if case == "fp32" else F16

@@ -181,16 +181,20 @@ def _cuda_bwd(do, q, k, v, out, lse, mask, seed, dropout_p, is_causal, scale, ma
     dk = _alloc.empty(k.shape, k.dtype, k.device)
     dv = _alloc.empty(v.shape, v.dtype, v.device)
     if q.numel() == 0 or k.numel() == 0:  # nothing to launch (empty tensors may have no storage)
-        return dq.zero_(), dk.zero_(), dv.zero_(), q.new_empty(0, dtype=torch.float32)
+        dmask = torch.zeros(mask.shape, dtype=torch.float32, device=q.device) if mask_grad else None
+        return dq.zero_(), dk.zero_(), dv.zero_(), q.new_empty(0, dtype=torch.float32) if dmask is None else dmask
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
+    # the additive mask's gradient: dS over the full scores, summed over its broadcast dims after
+    dscores = torch.zeros((B, Hq, L, k.shape[2]), dtype=torch.float32, device=q.device) if mask_grad else None
     m, kind, mstrides = _cuda_mask(mask)
     strides = sum((_strides3(t) for t in (do, q, k, v, out, dq, dk, dv)), []) + mstrides
     _ext.ext().attention_bwd(_ext.ptr(do), _ext.ptr(q), _ext.ptr(k), _ext.ptr(v), _ext.ptr(out),
                              _ext.ptr(lse.contiguous()), _ext.ptr(m), _ext.ptr(seed), _ext.ptr(dq),
-                             _ext.ptr(dk), _ext.ptr(dv), _ext.ptr(delta), B, Hq, k.shape[1], L, k.shape[2], D,
-                             strides, kind, scale, dropout_p, is_causal, _ext.DTYPE_CODE[q.dtype],
-                             _ext.stream_handle(q.device))
-    return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
+                             _ext.ptr(dk), _ext.ptr(dv), _ext.ptr(delta), _ext.ptr(dscores), B, Hq, k.shape[1],
+                             L, k.shape[2], D, strides, kind, scale, dropout_p, is_causal,
+                             _ext.DTYPE_CODE[q.dtype], _ext.stream_handle(q.device))
+    dmask = _reduce_to(dscores, mask.shape).contiguous() if mask_grad else q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, dmask
 
 
 def _reduce_to(t: torch.Tensor, shape) -> torch.Tensor:
@@ -429,8 +433,6 @@ def _cuda_cannot(query, c: _Call, attn_mask, dropout_p) -> Optional[str]:
         return f"the cuda kernels need value's head dim ({c.Dv}) equal to query's ({c.D})"
     if c.D not in _CUDA_HEAD_DIMS_FWD:
         return f"the cuda kernels take head dims {_CUDA_HEAD_DIMS_FWD}, got {c.D}"
-    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
-        return "the cuda kernels compute no gradient for an additive mask"
     if c.D not in _CUDA_HEAD_DIMS_BWD and c.needs_grad:
         return f"the cuda backward takes head dims {_CUDA_HEAD_DIMS_BWD}, got {c.D} (forward only: no grad)"
     if query.is_cuda and torch.cuda.get_device_capability(query.device)[0] < 8:
