@@ -297,6 +297,18 @@ def write_results(rows: list[dict], meta: dict, out_dir: Path, name: str, extra:
     return [csv_path, json_path]
 
 
+
+def save_figure(fig, path: Path, title: Optional[str] = None) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns path."""
+    import matplotlib.pyplot as plt
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
 def plot_lines(rows: list[dict], path: Path, *, panel: Callable[[dict], str], series: str, x: str,
                y: str, xlabel: str, ylabel: str, title: str, hline: Optional[float] = None,
                hline_label: str = "") -> Optional[Path]:
@@ -327,12 +339,7 @@ def plot_lines(rows: list[dict], path: Path, *, panel: Callable[[dict], str], se
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 # ---------------------------------------------------------------------------------------------

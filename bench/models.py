@@ -215,12 +215,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Optional[Path]:
         ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(names))], names)
         ax.set(title=f"{phase}: speedup over eager", ylabel="x eager")
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path, title)
 
 
 def run(*, quick: bool = False, dtype: str = "bf16", out: Optional[Path] = None,

@@ -144,11 +144,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Optional[Path]:
     ax.invert_yaxis()
     ax.axvline(90, color="gray", linestyle="--", linewidth=0.8)
     ax.set(xlabel="median % of ceiling (blue: copy bandwidth, orange: bf16 matmul rate)", title=title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 def run(out: Optional[Path], *, save_auto: bool = False) -> int:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc, _backend, profiling
+from .. import _alloc, _backend, _ext, profiling
 from .._op import KernelOp
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -135,14 +135,15 @@ _CUDA_HEAD_DIMS_BWD = (32, 64, 96, 128)
 def _cuda_operand(t: torch.Tensor) -> torch.Tensor:
     """t itself when cp.async can read its rows (unit stride along the head dim, a row stride of a
     multiple of 8 elements, 16-byte aligned), else a contiguous copy."""
-    if t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 and s >= 0 for s in _strides3(t)):
+    if t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 and s >= 0 for s in _strides(t)):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _strides3(t: torch.Tensor):
-    """(batch, head, seq) strides, 0 for a dim of size 1 (its stride is never used)."""
-    return [t.stride(d) if t.size(d) > 1 else 0 for d in range(3)]
+def _strides(t: torch.Tensor, dims: int = 3) -> list:
+    """The strides of the first dims dims ((batch, head, seq) by default), 0 for a dim of size 1
+    (its stride is never used; a broadcast mask dim reads as stride 0)."""
+    return [t.stride(d) if t.size(d) > 1 else 0 for d in range(dims)]
 
 
 def _cuda_mask(mask):
@@ -153,11 +154,10 @@ def _cuda_mask(mask):
         m, kind = mask.view(torch.uint8), 1
     else:
         m, kind = mask.float(), 2
-    return m, kind, [m.stride(d) if m.size(d) > 1 else 0 for d in range(4)]
+    return m, kind, _strides(m, 4)
 
 
 def _cuda_fwd(q, k, v, mask, seed, dropout_p, is_causal, scale):
-    from .. import _ext
     q, k, v = (_cuda_operand(t) for t in (q, k, v))
     B, Hq, L, D = q.shape
     out = _alloc.empty((B, Hq, L, D), q.dtype, q.device)
@@ -165,7 +165,7 @@ def _cuda_fwd(q, k, v, mask, seed, dropout_p, is_causal, scale):
     if out.numel() == 0 or k.shape[2] == 0:  # nothing to launch (empty tensors may have no storage)
         return out.zero_(), lse.fill_(float("inf"))
     m, kind, mstrides = _cuda_mask(mask)
-    strides = _strides3(q) + _strides3(k) + _strides3(v) + _strides3(out) + mstrides
+    strides = _strides(q) + _strides(k) + _strides(v) + _strides(out) + mstrides
     _ext.ext().attention_fwd(_ext.ptr(q), _ext.ptr(k), _ext.ptr(v), _ext.ptr(m), _ext.ptr(seed), _ext.ptr(out),
                              _ext.ptr(lse), B, Hq, k.shape[1], L, k.shape[2], D, strides, kind, scale,
                              dropout_p, is_causal, _ext.DTYPE_CODE[q.dtype], _ext.stream_handle(q.device))
@@ -173,28 +173,34 @@ def _cuda_fwd(q, k, v, mask, seed, dropout_p, is_causal, scale):
 
 
 def _cuda_bwd(do, q, k, v, out, lse, mask, seed, dropout_p, is_causal, scale, mask_grad, deterministic):
-    from .. import _ext
     do, q, k, v = (_cuda_operand(t) for t in (do, q, k, v))
     out = out if out.stride(3) == 1 and out.stride(2) % 2 == 0 else out.contiguous()
     B, Hq, L, D = q.shape
     dq = _alloc.empty(q.shape, q.dtype, q.device)
     dk = _alloc.empty(k.shape, k.dtype, k.device)
     dv = _alloc.empty(v.shape, v.dtype, v.device)
-    if q.numel() == 0 or k.numel() == 0:  # nothing to launch (empty tensors may have no storage)
-        dmask = torch.zeros(mask.shape, dtype=torch.float32, device=q.device) if mask_grad else None
-        return dq.zero_(), dk.zero_(), dv.zero_(), q.new_empty(0, dtype=torch.float32) if dmask is None else dmask
-    delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
-    # the additive mask's gradient: dS over the full scores, summed over its broadcast dims after
+    # the additive mask's gradient: dS over the full scores (zeros where no kernel writes), summed
+    # over the mask's broadcast dims below
     dscores = torch.zeros((B, Hq, L, k.shape[2]), dtype=torch.float32, device=q.device) if mask_grad else None
+    if q.numel() and k.numel():  # else nothing to launch (empty tensors may have no storage)
+        _cuda_bwd_launch(do, q, k, v, out, lse, mask, seed, dropout_p, is_causal, scale, dq, dk, dv, dscores)
+    else:
+        for t in (dq, dk, dv):
+            t.zero_()
+    dmask = _reduce_to(dscores, mask.shape).contiguous() if mask_grad else q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, dmask
+
+
+def _cuda_bwd_launch(do, q, k, v, out, lse, mask, seed, dropout_p, is_causal, scale, dq, dk, dv, dscores):
+    B, Hq, L, D = q.shape
+    delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     m, kind, mstrides = _cuda_mask(mask)
-    strides = sum((_strides3(t) for t in (do, q, k, v, out, dq, dk, dv)), []) + mstrides
+    strides = sum((_strides(t) for t in (do, q, k, v, out, dq, dk, dv)), []) + mstrides
     _ext.ext().attention_bwd(_ext.ptr(do), _ext.ptr(q), _ext.ptr(k), _ext.ptr(v), _ext.ptr(out),
                              _ext.ptr(lse.contiguous()), _ext.ptr(m), _ext.ptr(seed), _ext.ptr(dq),
                              _ext.ptr(dk), _ext.ptr(dv), _ext.ptr(delta), _ext.ptr(dscores), B, Hq, k.shape[1],
                              L, k.shape[2], D, strides, kind, scale, dropout_p, is_causal,
                              _ext.DTYPE_CODE[q.dtype], _ext.stream_handle(q.device))
-    dmask = _reduce_to(dscores, mask.shape).contiguous() if mask_grad else q.new_empty(0, dtype=torch.float32)
-    return dq, dk, dv, dmask
 
 
 def _reduce_to(t: torch.Tensor, shape) -> torch.Tensor:
