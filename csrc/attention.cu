@@ -122,6 +122,31 @@ __device__ __forceinline__ void acc_to_a(unsigned* a, const float* c0, const flo
   a[3] = pack2<T>(c1[2], c1[3]);
 }
 
+// ---- the key/value stream of a query block (forward and dQ) ---------------------------------------
+// Key tiles of BN the query rows [m0, m0 + bm) see: all of S, or (causal) those up to the last row.
+__device__ __forceinline__ int key_tiles(const AttnParams& p, int m0, int bm, int bn) {
+  const int n_end = p.causal ? (p.S < m0 + bm ? p.S : m0 + bm) : p.S;
+  return n_end > 0 ? (n_end + bn - 1) / bn : 0;
+}
+
+// Tile j of K and V into buffer `buf` (two buffers of BN rows each); part of the current cp.async group.
+template <int BN, int D, typename T>
+__device__ __forceinline__ void load_kv(T* sK, T* sV, const T* k, const T* v, const AttnParams& p, int j, int buf) {
+  load_tile<BN, D>(sK + buf * BN * (D + 8), k, p.sk[2], j * BN, p.S);
+  load_tile<BN, D>(sV + buf * BN * (D + 8), v, p.sv[2], j * BN, p.S);
+}
+
+// Step j of the double-buffered stream: request tile j + 1 into the other buffer, wait until
+// tile j (and everything before it) has landed, and make it visible to the whole block.
+template <int BN, int D, typename T>
+__device__ __forceinline__ void kv_step(T* sK, T* sV, const T* k, const T* v, const AttnParams& p, int j,
+                                        int tiles) {
+  if (j + 1 < tiles) load_kv<BN, D>(sK, sV, k, v, p, j + 1, (j + 1) & 1);
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();
+}
+
 // ---- warp-level products (each warp: 16 rows) ----------------------------------------------------
 template <int N>
 __device__ __forceinline__ void zero(float (*acc)[4]) {
@@ -268,14 +293,9 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
   const uint64_t seed = dropout_seed<DROPOUT>(p);
   const int64_t bh = static_cast<int64_t>(pos.b) * p.Hq + pos.h;
 
-  const int n_end = p.causal ? (p.S < m0 + BM ? p.S : m0 + BM) : p.S;
-  const int tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
-
+  const int tiles = key_tiles(p, m0, BM, BN);
   load_tile<BM, D>(sQ, q, p.sq[2], m0, p.L);
-  if (tiles > 0) {
-    load_tile<BN, D>(sK, k, p.sk[2], 0, p.S);
-    load_tile<BN, D>(sV, v, p.sv[2], 0, p.S);
-  }
+  if (tiles > 0) load_kv<BN, D>(sK, sV, k, v, p, 0, 0);
   cp_async_commit();
 
   float o[D / 8][4];
@@ -285,13 +305,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
 
   for (int j = 0; j < tiles; ++j) {
     const int buf = j & 1, n0 = j * BN;
-    if (j + 1 < tiles) {
-      load_tile<BN, D>(sK + (buf ^ 1) * BN * LD, k, p.sk[2], n0 + BN, p.S);
-      load_tile<BN, D>(sV + (buf ^ 1) * BN * LD, v, p.sv[2], n0 + BN, p.S);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();  // everything but the tile just requested has landed
-    __syncthreads();
+    kv_step<BN, D>(sK, sV, k, v, p, j, tiles);
     const T* cK = sK + buf * BN * LD;
     const T* cV = sV + buf * BN * LD;
 
@@ -544,14 +558,10 @@ __global__ void __launch_bounds__(kThreads, 2) attention_dq_kernel(const AttnPar
     delta[i] = row < p.L ? p.delta[rows + row] : 0.f;
   }
 
-  const int n_end = p.causal ? (p.S < m0 + BM ? p.S : m0 + BM) : p.S;
-  const int tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
+  const int tiles = key_tiles(p, m0, BM, BN);
   load_tile<BM, D>(sQ, q, p.sq[2], m0, p.L);
   load_tile<BM, D>(sdO, dout, p.sdo[2], m0, p.L);
-  if (tiles > 0) {
-    load_tile<BN, D>(sK, k, p.sk[2], 0, p.S);
-    load_tile<BN, D>(sV, v, p.sv[2], 0, p.S);
-  }
+  if (tiles > 0) load_kv<BN, D>(sK, sV, k, v, p, 0, 0);
   cp_async_commit();
 
   float dq[D / 8][4];
@@ -559,13 +569,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_dq_kernel(const AttnPar
 
   for (int j = 0; j < tiles; ++j) {
     const int buf = j & 1, n0 = j * BN;
-    if (j + 1 < tiles) {
-      load_tile<BN, D>(sK + (buf ^ 1) * BN * LD, k, p.sk[2], n0 + BN, p.S);
-      load_tile<BN, D>(sV + (buf ^ 1) * BN * LD, v, p.sv[2], n0 + BN, p.S);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
+    kv_step<BN, D>(sK, sV, k, v, p, j, tiles);
     const T* cK = sK + buf * BN * LD;
     const T* cV = sV + buf * BN * LD;
 
