@@ -77,6 +77,13 @@ struct AttnParams {
 
 __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 
+// The (batch b, head h) slice of an operand whose strides s are (batch, head, seq), as a T*
+// (const T for the inputs).
+template <typename T, typename V>
+__device__ __forceinline__ T* head_slice(V* base, const int64_t* s, int b, int h) {
+  return static_cast<T*>(base) + b * s[0] + h * s[1];
+}
+
 // ---- shared-memory tiles ---------------------------------------------------------------------------
 // Rows [row0, row0 + ROWS) of a (len x D) matrix at g (row stride ld) into smem (row stride D + 8);
 // rows past len are zero-filled. Part of the caller's current cp.async group.
@@ -286,9 +293,9 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
   const int m0 = pos.blk * BM;
   const int warp = threadIdx.x >> 5, lane = lane_id(), g = lane >> 2, t = lane & 3;
   const int wm = warp * 16;
-  const T* q = static_cast<const T*>(p.q) + pos.b * p.sq[0] + pos.h * p.sq[1];
-  const T* k = static_cast<const T*>(p.k) + pos.b * p.sk[0] + hk * p.sk[1];
-  const T* v = static_cast<const T*>(p.v) + pos.b * p.sv[0] + hk * p.sv[1];
+  const T* q = head_slice<const T>(p.q, p.sq, pos.b, pos.h);
+  const T* k = head_slice<const T>(p.k, p.sk, pos.b, hk);
+  const T* v = head_slice<const T>(p.v, p.sv, pos.b, hk);
   const unsigned char* mask = mask_slice(p, pos.b, pos.h);
   const uint64_t seed = dropout_seed<DROPOUT>(p);
   const int64_t bh = static_cast<int64_t>(pos.b) * p.Hq + pos.h;
@@ -388,9 +395,9 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
     l[i] = quad_sum(row_sum[i]);
     inv[i] = l[i] > 0.f ? p.keep_scale / l[i] : 0.f;
   }
-  T* out = static_cast<T*>(p.out) + pos.b * p.so[0] + pos.h * p.so[1];
+  T* out = head_slice<T>(p.out, p.so, pos.b, pos.h);
   store_rows<D>(out, p.so[2], o, m0 + wm, p.L, inv);
-  float* lse = p.lse + (static_cast<int64_t>(pos.b) * p.Hq + pos.h) * p.L;
+  float* lse = p.lse + bh * p.L;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int row = m0 + wm + g + 8 * i;
@@ -411,8 +418,8 @@ __global__ void __launch_bounds__(kThreads) attention_delta_kernel(const AttnPar
   const int i = static_cast<int>(row % p.L);
   const int h = static_cast<int>(row / p.L % p.Hq);
   const int b = static_cast<int>(row / p.L / p.Hq);
-  const T* dout = static_cast<const T*>(p.dout) + b * p.sdo[0] + h * p.sdo[1] + i * p.sdo[2];
-  const T* out = static_cast<const T*>(p.out) + b * p.so[0] + h * p.so[1] + i * p.so[2];
+  const T* dout = head_slice<const T>(p.dout, p.sdo, b, h) + i * p.sdo[2];
+  const T* out = head_slice<const T>(p.out, p.so, b, h) + i * p.so[2];
   float acc = 0.f;
   for (int d = lane_id(); d < D; d += 32) acc += to_float(dout[d]) * to_float(out[d]);
   acc = warp_sum(acc);
@@ -435,8 +442,8 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
   const int n0 = pos.blk * BN;
   const int warp = threadIdx.x >> 5, lane = lane_id(), g = lane >> 2, t = lane & 3;
   const int wn = warp * 16;
-  const T* k = static_cast<const T*>(p.k) + pos.b * p.sk[0] + pos.h * p.sk[1];
-  const T* v = static_cast<const T*>(p.v) + pos.b * p.sv[0] + pos.h * p.sv[1];
+  const T* k = head_slice<const T>(p.k, p.sk, pos.b, pos.h);
+  const T* v = head_slice<const T>(p.v, p.sv, pos.b, pos.h);
   const uint64_t seed = dropout_seed<DROPOUT>(p);
 
   // query tiles that see these keys: all, or (causal) those with a row >= n0
@@ -449,8 +456,8 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
   auto fetch = [&](int it, int buf) {
     const int h = pos.h * p.group + it / per_head;
     const int m0 = (first + it % per_head) * BM;
-    const T* q = static_cast<const T*>(p.q) + pos.b * p.sq[0] + h * p.sq[1];
-    const T* dout = static_cast<const T*>(p.dout) + pos.b * p.sdo[0] + h * p.sdo[1];
+    const T* q = head_slice<const T>(p.q, p.sq, pos.b, h);
+    const T* dout = head_slice<const T>(p.dout, p.sdo, pos.b, h);
     load_tile<BM, D>(sQ + buf * BM * LD, q, p.sq[2], m0, p.L);
     load_tile<BM, D>(sdO + buf * BM * LD, dout, p.sdo[2], m0, p.L);
     const int64_t rows = (static_cast<int64_t>(pos.b) * p.Hq + h) * p.L;
@@ -520,8 +527,8 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
   }
   cp_async_wait<0>();
 
-  T* dkp = static_cast<T*>(p.dk) + pos.b * p.sdk[0] + pos.h * p.sdk[1];
-  T* dvp = static_cast<T*>(p.dv) + pos.b * p.sdv[0] + pos.h * p.sdv[1];
+  T* dkp = head_slice<T>(p.dk, p.sdk, pos.b, pos.h);
+  T* dvp = head_slice<T>(p.dv, p.sdv, pos.b, pos.h);
   const float dk_scale[2] = {p.scale, p.scale}, one[2] = {1.f, 1.f};
   store_rows<D>(dkp, p.sdk[2], dk, n0 + wn, p.S, dk_scale);
   store_rows<D>(dvp, p.sdv[2], dv, n0 + wn, p.S, one);
@@ -542,10 +549,10 @@ __global__ void __launch_bounds__(kThreads, 2) attention_dq_kernel(const AttnPar
   const int m0 = pos.blk * BM;
   const int warp = threadIdx.x >> 5, lane = lane_id(), g = lane >> 2, t = lane & 3;
   const int wm = warp * 16;
-  const T* q = static_cast<const T*>(p.q) + pos.b * p.sq[0] + pos.h * p.sq[1];
-  const T* dout = static_cast<const T*>(p.dout) + pos.b * p.sdo[0] + pos.h * p.sdo[1];
-  const T* k = static_cast<const T*>(p.k) + pos.b * p.sk[0] + hk * p.sk[1];
-  const T* v = static_cast<const T*>(p.v) + pos.b * p.sv[0] + hk * p.sv[1];
+  const T* q = head_slice<const T>(p.q, p.sq, pos.b, pos.h);
+  const T* dout = head_slice<const T>(p.dout, p.sdo, pos.b, pos.h);
+  const T* k = head_slice<const T>(p.k, p.sk, pos.b, hk);
+  const T* v = head_slice<const T>(p.v, p.sv, pos.b, hk);
   const unsigned char* mask = mask_slice(p, pos.b, pos.h);
   const uint64_t seed = dropout_seed<DROPOUT>(p);
   const int64_t bh = static_cast<int64_t>(pos.b) * p.Hq + pos.h;
@@ -601,7 +608,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_dq_kernel(const AttnPar
   }
   cp_async_wait<0>();
 
-  T* dqp = static_cast<T*>(p.dq) + pos.b * p.sdq[0] + pos.h * p.sdq[1];
+  T* dqp = head_slice<T>(p.dq, p.sdq, pos.b, pos.h);
   const float dq_scale[2] = {p.scale, p.scale};
   store_rows<D>(dqp, p.sdq[2], dq, m0 + wm, p.L, dq_scale);
 }
