@@ -22,6 +22,18 @@ _CHOICES = BACKENDS + ("auto",)
 _default_backend = os.environ.get("DLH_BACKEND", "auto")
 _override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("dlh_backend", default=None)
 
+# The float dtypes the triton and cuda kernels take; anything else (float64, ints) runs on torch.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dtype_reason(backend: str, dtype: torch.dtype, what: str = "input") -> Optional[str]:
+    """Why ``backend``'s kernels cannot take a ``what`` of ``dtype``, or None when they can (the
+    torch backend takes every dtype): the shared first check of the ops' capability functions."""
+    if backend == "torch" or dtype in KERNEL_DTYPES:
+        return None
+    return f"the {backend} kernels take float32/float16/bfloat16 {what}, not {dtype}"
+
+
 # `auto` tries these in order on CUDA tensors. Triton first until the benchmarks say otherwise
 # per op; ops may pass their own order.
 AUTO_ORDER_CUDA = ("triton", "cuda", "torch")

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from .. import _alloc, _backend, _ext, profiling
 from .._op import KernelOp
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 
@@ -420,8 +419,9 @@ def _supports(query, c: _Call, attn_mask, dropout_p):
             return None
         if backend == "cuda":
             return _cuda_cannot(query, c, attn_mask, dropout_p)
-        if query.dtype not in _KERNEL_DTYPES:
-            return f"the {backend} kernels take float32/float16/bfloat16, not {query.dtype}"
+        why = _backend.dtype_reason(backend, query.dtype, "query")
+        if why:
+            return why
         if not 1 <= c.D <= MAX_HEAD_DIM or not 1 <= c.Dv <= MAX_HEAD_DIM:
             return (f"the {backend} kernels take head dims 1..{MAX_HEAD_DIM}, got query/key "
                     f"{c.D} and value {c.Dv}")

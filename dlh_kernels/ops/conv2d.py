@@ -14,7 +14,6 @@ GEMM), dw (implicit GEMM over the output pixels) and db = sum of dz.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -24,7 +23,6 @@ from .. import _alloc, _backend, _ext, profiling
 from .._op import KernelOp
 from .gelu import gelu_grad_reference
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4, "leaky_relu": 5}
 _ACT_NAMES = {v: k for k, v in ACTIVATIONS.items()}
 
@@ -346,10 +344,9 @@ def _check(input, weight, bias, stride, padding, dilation, groups, activation):
 
 def _supports(input):
     def can(backend: str):
-        if backend == "torch":
-            return None
-        if input.dtype not in _KERNEL_DTYPES:
-            return f"the {backend} kernels take float32/float16/bfloat16 input, not {input.dtype}"
+        why = _backend.dtype_reason(backend, input.dtype)
+        if why or backend == "torch":
+            return why
         if backend == "cuda":
             try:
                 C = _ext.ext()

@@ -40,7 +40,6 @@ import torch
 from .. import _alloc, _backend, _ext
 from .._op import KernelOp
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TABLE_DTYPES = (torch.float32, torch.float64)
 METHODS = {"ddpm": 0, "ddim": 1}
 _INTERP = 2  # the sampler's linear-interpolation scheme (dlh_kernels.diffusion), not public
@@ -476,10 +475,9 @@ def _check_step(sample, model_output, timestep, prev_timestep, alphas_cumprod, m
 
 def _supports(sample, alphas_cumprod=None):
     def can(backend: str):
-        if backend == "torch":
-            return None
-        if sample.dtype not in _KERNEL_DTYPES:
-            return f"the {backend} kernel takes float32/float16/bfloat16 tensors, not {sample.dtype}"
+        why = _backend.dtype_reason(backend, sample.dtype, "tensors")
+        if why or backend == "torch":
+            return why
         if alphas_cumprod is not None and alphas_cumprod.dtype not in _TABLE_DTYPES:
             return f"the {backend} kernel takes a float32/float64 alphas_cumprod, not {alphas_cumprod.dtype}"
         if backend == "cuda" and _ext.load_error() is None and not hasattr(_ext.ext(), "diffusion_step"):

@@ -17,7 +17,6 @@ from .. import _alloc, _backend, _ext, profiling
 from .._op import KernelOp
 from .layer_norm import _rows
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _APPROXIMATE = ("none", "tanh")
 
 
@@ -416,10 +415,9 @@ def _check_linear_gelu(input, weight, bias, approximate) -> bool:
 
 def _supports_elementwise(input, bias=None):
     def can(backend: str):
-        if backend == "torch":
-            return None
-        if input.dtype not in _KERNEL_DTYPES:
-            return f"the {backend} kernels take float32/float16/bfloat16 input, not {input.dtype}"
+        why = _backend.dtype_reason(backend, input.dtype)
+        if why or backend == "torch":
+            return why
         if bias is not None and bias.dtype not in (input.dtype, torch.float32):
             return f"the {backend} kernels take a bias in the input dtype or float32, not {bias.dtype}"
         return None

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from .. import _alloc, _backend, _ext, profiling
 from .._op import KernelOp
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ACTIVATIONS = (None, "silu")
 
 
@@ -363,12 +362,8 @@ def _check(input, num_groups, weight, bias, activation) -> None:
 
 
 def _supports(input):
-    def can(backend: str):
-        if backend == "torch":
-            return None
-        if input.dtype not in _KERNEL_DTYPES:
-            return f"the {backend} kernels take float32/float16/bfloat16 input, not {input.dtype}"
-        return None  # the parameters' dtypes were checked with the arguments
+    def can(backend: str):  # the parameters' dtypes were checked with the arguments
+        return _backend.dtype_reason(backend, input.dtype)
     return can
 
 

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from .. import _alloc, _backend, _ext, profiling
 from .._op import KernelOp
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
 
@@ -303,10 +302,9 @@ def _check(op, input, normalized_shape, weight, bias, residual=None):
 
 def _supports(input, weight, bias):
     def can(backend: str):
-        if backend == "torch":
-            return None
-        if input.dtype not in _KERNEL_DTYPES:
-            return f"the {backend} kernels take float32/float16/bfloat16 input, not {input.dtype}"
+        why = _backend.dtype_reason(backend, input.dtype)
+        if why or backend == "torch":
+            return why
         for name, t in (("weight", weight), ("bias", bias)):
             if t is not None and t.dtype not in (input.dtype, torch.float32):
                 return f"the {backend} kernels take a {name} in the input dtype or float32, not {t.dtype}"
