@@ -1,0 +1,207 @@
+"""The autotuner's own path, on CPU: every `triton.autotune` list we ship (attention fwd, dkdv, dq,
+dmask; conv2d forward; linear_gelu) driven through its op's glue and Triton's real tuning
+machinery (key, early_config_prune, the benchmark loop with its pre_hook / reset_to_zero, the
+reset after tuning, the final launch), with only the benchmarker replaced.
+
+Why: without a GPU the glue never reaches the autotuner (the interpreter runs one fixed config),
+so a hook that crashes inside a tuning run, or a buffer the candidates leave dirty, would first
+show on the hardware (review 2026-12 item T1: `reset_to_zero=["DQ"]` with DQ=None killed every
+attention backward with L or S >= 256 on Triton 3.6).
+
+How: the glue's "on the GPU" test is patched to say yes (and attention's AUTOTUNE_MIN_LEN to 1);
+under TRITON_INTERPRET=1 each candidate then runs in the interpreter on CPU tensors. The stub
+benchmarker calls the kernel_call the autotuner hands it (that is where the hooks run) and
+returns a fake time that makes the last candidate benched the winner, so the test knows which
+config must run afterwards. Each call is compared with float64 (the winner really ran, and the
+candidates before it left nothing behind: atomic dQ sums into a buffer they share), and the
+choice goes through dlh's persistent cache (dlh_kernels/_cache.py): written to DLH_CACHE_DIR,
+re-read by fresh autotuners, launched without tuning again.
+
+Shapes are the smallest that keep at least two candidates after pruning (Triton >= 3.9 skips the
+benchmark when one is left). Run it on both Triton versions we support:
+    python -m pytest -q tests/test_autotune.py
+    /work/venv36/bin/python -m pytest -q tests/test_autotune.py
+"""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dlh_kernels.functional as DF
+from dlh_kernels.triton_kernels import attention as attn_kernels
+from dlh_kernels.triton_kernels import conv2d as conv_kernels
+from dlh_kernels.triton_kernels import gelu as gelu_kernels
+
+from conftest import DEVICE, HAS_GPU, assert_close
+from test_attention import _mask, check_call, make_qkv
+
+pytestmark = [
+    pytest.mark.usefixtures("poison_outputs"),
+    pytest.mark.skipif(HAS_GPU, reason="drives the autotuner on CPU tensors through the interpreter"),
+]
+
+
+def _config_of(kwargs: dict) -> tuple:
+    """What identifies a candidate in a launch's keyword arguments."""
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+    return tuple(kwargs.get(n) for n in names)
+
+
+def _config_key(config) -> tuple:
+    return _config_of(config.all_kwargs())
+
+
+class Tuning:
+    """The stub benchmarker and a record of every launch of the autotuned kernels.
+
+    launches[kernel name]: [(phase, config)], phase "bench" inside a tuning run, "run" for the
+    launch the autotuner makes with its choice."""
+
+    def __init__(self):
+        self.benched = 0
+        self.in_bench = False
+        self.launches: dict[str, list] = {}
+        self.tuners: dict[str, object] = {}  # kernel name -> the autotuner last handed out
+
+    def bench(self, kernel_call, quantiles=None, **_):
+        self.in_bench = True
+        try:
+            kernel_call()  # runs config.pre_hook, the autotuner's reset_to_zero hook, the kernel
+        finally:
+            self.in_bench = False
+        self.benched += 1
+        fake = 1000.0 - self.benched  # each candidate "faster" than the one before: the last wins
+        return [fake, fake, fake]
+
+    def install(self, monkeypatch, tuner) -> None:
+        """Put the stub in this autotuner and record the launches of its kernel."""
+        fn = tuner.fn
+        name = fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__
+        self.tuners[name] = tuner
+        if getattr(tuner, "_test_stub", None) is self:
+            return
+        # do_bench is a cached_property (reading it would look for a GPU driver): set it directly
+        monkeypatch.setitem(tuner.__dict__, "do_bench", self.bench)
+        monkeypatch.setattr(tuner, "_test_stub", self, raising=False)
+        if getattr(fn.run, "_test_recorder", None) is self:
+            return
+        inner = fn.run
+
+        def run(*args, **kwargs):
+            self.launches.setdefault(name, []).append(
+                ("bench" if self.in_bench else "run", _config_of(kwargs)))
+            return inner(*args, **kwargs)
+
+        run._test_recorder = self
+        monkeypatch.setattr(fn, "run", run, raising=False)
+
+    def check_tuned(self, name: str) -> tuple:
+        """The kernel was tuned over >= 2 candidates and then launched with the last one benched
+        (the stub's winner), which the autotuner's cache holds. Returns the winner."""
+        seq = self.launches.get(name, [])
+        benched = [c for phase, c in seq if phase == "bench"]
+        runs = [c for phase, c in seq if phase == "run"]
+        tuner = self.tuners[name]
+        assert len(set(benched)) >= 2, f"{name}: fewer than 2 candidates benched: {seq}"
+        assert runs and runs[-1] == benched[-1], f"{name}: launched {runs} after benching {benched}"
+        assert benched[-1] in {_config_key(c) for c in tuner.cache.values()}
+        return benched[-1]
+
+    def check_not_tuned(self, name: str, winner: tuple) -> None:
+        seq = self.launches.get(name, [])
+        assert seq and all(phase == "run" and c == winner for phase, c in seq), \
+            f"{name}: expected only launches of the saved {winner}, got {seq}"
+
+    def reset(self) -> None:
+        self.benched = 0
+        self.launches.clear()
+
+
+@pytest.fixture
+def tuning(monkeypatch, tmp_path):
+    monkeypatch.setenv("DLH_CACHE_DIR", str(tmp_path))
+    t = Tuning()
+    t.cache_dir = tmp_path
+    yield t
+    # the next test starts from fresh autotuners (monkeypatch has not restored the factories yet)
+    for factory in (attn_kernels._tuned, conv_kernels._tuned_fwd, gelu_kernels._tuned_linear_gelu):
+        getattr(factory, "original", factory).cache_clear()
+
+
+def _hook_factory(monkeypatch, tuning, module, factory_name):
+    """Replace module.<factory> (an lru_cached autotuner factory) by one that installs the stub
+    in each autotuner it returns; the original's cache is cleared first (fresh autotuners)."""
+    original = getattr(module, factory_name)
+    original.cache_clear()
+
+    def factory(*args):
+        tuner = original(*args)
+        tuning.install(monkeypatch, tuner)
+        return tuner
+
+    factory.original = original
+    monkeypatch.setattr(module, factory_name, factory)
+    return original
+
+
+def _saved_choices(cache_dir, kernel_name: str) -> list:
+    files = sorted((cache_dir / "autotune").glob(f"{kernel_name}-*.json"))
+    assert files, f"no saved choices for {kernel_name} in {cache_dir}"
+    return [c for f in files for c in json.loads(f.read_text())["choices"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention: fwd, dkdv, dq (separate mode) and dmask (an additive mask that requires grad).
+
+ATTN_CASES = {
+    # name: (dq mode, mask kind, dropout_p, causal); GQA (2 query heads per K/V head) in all
+    "separate_causal": ("separate", None, 0.0, True),     # the default: dQ=None in dK/dV (T1)
+    "atomic_bias_dropout": ("atomic", "float", 0.25, False),  # reset_to_zero on the dQ accumulator; dmask
+    "separate_bool_dropout": ("separate", "bool", 0.25, False),
+}
+# L = S = 64: the largest length at which fwd/dq keep 4 candidates, dkdv 3 and dmask 2 after
+# _prune, at interpreter cost (one or two programs per head).
+ATTN_SHAPE = (1, 2, 1, 64, 64, 16, 16)  # (B, Hq, Hkv, L, S, D, Dv)
+
+
+@pytest.fixture
+def attention_tuned(monkeypatch, tuning):
+    monkeypatch.setattr(attn_kernels, "_on_gpu", lambda t: True)
+    monkeypatch.setattr(attn_kernels, "AUTOTUNE_MIN_LEN", 1)
+    original = _hook_factory(monkeypatch, tuning, attn_kernels, "_tuned")
+    return original
+
+
+def _attention_call(case):
+    dq_mode, mask_kind, dropout_p, causal = ATTN_CASES[case]
+    B, Hq, Hkv, L, S, D, Dv = ATTN_SHAPE
+    q, k, v = make_qkv(B, Hq, Hkv, L, S, D, Dv, torch.float32, seed=11)
+    mask = None if mask_kind is None else _mask((B, Hq, L, S), mask_kind, torch.float32)
+    check_call("triton", q, k, v, mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=True)
+    return mask_kind == "float"
+
+
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+def test_attention_autotuned_path(case, monkeypatch, tuning, attention_tuned):
+    monkeypatch.setattr(attn_kernels, "DQ_MODE", ATTN_CASES[case][0])
+    has_dmask = _attention_call(case)
+    kernels = ["fwd", "dkdv"] + ([] if ATTN_CASES[case][0] == "atomic" else ["dq"]) + \
+        (["dmask"] if has_dmask else [])
+    names = {"fwd": "attn_fwd_kernel", "dkdv": "attn_bwd_dkdv_kernel", "dq": "attn_bwd_dq_kernel",
+             "dmask": "attn_bwd_dmask_kernel"}
+    winners = {}
+    for kernel in kernels:
+        winners[kernel] = tuning.check_tuned(names[kernel])
+        assert _saved_choices(tuning.cache_dir, names[kernel])
+
+    # A fresh set of autotuners (as in a new process) reads the choices back and launches them
+    # straight away: no candidate is benched again, and the result is still right.
+    attention_tuned.cache_clear()
+    tuning.reset()
+    _attention_call(case)
+    assert tuning.benched == 0, "tuned again although the choices were saved"
+    for kernel in kernels:
+        tuning.check_not_tuned(names[kernel], winners[kernel])
+
