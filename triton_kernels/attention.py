@@ -734,19 +734,26 @@ _TUNE_KEY = ["L_BUCKET", "S_BUCKET", "HEAD_D", "HEAD_DV", "IS_CAUSAL", "MASK_KIN
 
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel: str):
-    fn = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel,
-          "dmask": attn_bwd_dmask_kernel}[kernel]
+    """The autotuner of one kernel: "fwd", "dkdv" (separate dQ), "dkdv_atomic", "dq", "dmask"."""
+    fn = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dkdv_atomic": attn_bwd_dkdv_kernel,
+          "dq": attn_bwd_dq_kernel, "dmask": attn_bwd_dmask_kernel}[kernel]
     key = list(_TUNE_KEY)
     extra = {}
-    if kernel == "dkdv":
+    if kernel.startswith("dkdv"):
         key.append("ATOMIC_DQ")
-        extra["reset_to_zero"] = ["DQ"]  # the atomic dQ accumulator, between tuning runs
+    if kernel == "dkdv_atomic":
+        # Every candidate adds into the same fp32 dQ accumulator: zero it before each one (Triton
+        # zeroes it once more after tuning, before the launch that counts). Only here: in the
+        # separate mode DQ is None, and Triton 3.6's hook calls None.zero_() (review 2026-12, T1).
+        extra["reset_to_zero"] = ["DQ"]
     if kernel == "dmask":
         key = ["L_BUCKET", "S_BUCKET", "HEAD_D", "HEAD_DV", "BCAST_B", "BCAST_H", "BCAST_L",
                "BCAST_S", "DROPOUT"]
-    # choices kept across runs in the dlh cache directory (dlh_kernels/_cache.py)
-    return persistent_autotune(triton.autotune(_configs(kernel), key=key,
-                                               prune_configs_by={"early_config_prune": _prune}, **extra)(fn))
+    # choices kept across runs in the dlh cache directory (dlh_kernels/_cache.py); both dK/dV
+    # autotuners share its file (same kernel and configs), their keys differ by ATOMIC_DQ
+    return persistent_autotune(triton.autotune(_configs("dkdv" if kernel == "dkdv_atomic" else kernel),
+                                               key=key, prune_configs_by={"early_config_prune": _prune},
+                                               **extra)(fn))
 
 
 def _bucket(n: int) -> int:
@@ -853,7 +860,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if atomic else None
     common = dict(HEAD_D=D, HEAD_DV=Dv, IS_CAUSAL=is_causal, MASK_KIND=kind, DROPOUT=dropout,
                   BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=precision)
-    _launch("dkdv", attn_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(S, bn), B * Hkv),
+    _launch("dkdv_atomic" if atomic else "dkdv", attn_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(S, bn), B * Hkv),
             (q, k, v, mask, seed, do, lse, delta, dk, dv, dq_acc,
              *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(mask), *_strides4(do),
              *dk.stride(), *dv.stride(), *(dq_acc.stride() if atomic else (0, 0, 0, 0)),
