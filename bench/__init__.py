@@ -1,6 +1,6 @@
 """`dlh bench`: microbenchmarks of dlh-kernels beside eager PyTorch, torch.compile and peers.
 
-    dlh bench [WHICH[,WHICH...]] [--quick] [--dtype bf16] [--out DIR]
+    dlh bench [WHICH[,WHICH...]] [--quick | --smoke] [--dtype bf16] [--out DIR]
     python -m dlh_kernels.bench ...   (the same)
 
 WHICH: an op family (layer_norm, gelu, linear_gelu, conv2d, attention, diffusion, group_norm),
@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("which", nargs="?", default="all", type=_which,
                    help=f"benchmarks to run, comma-separated: {', '.join(CHOICES)} (default: all)")
     p.add_argument("--quick", action="store_true", help="short sweep (2-4 sizes), for a time-boxed GPU session")
+    p.add_argument("--smoke", action="store_true",
+                   help="one size per op family and no torch.compile (implies --quick): the first GPU command")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="input dtype (default bf16)")
     p.add_argument("--out", type=Path, help="results folder (default: bench/results/<date>-<gpu>/)")
     p.add_argument("--ops", help="layer_norm only: comma-separated subset of "
@@ -74,6 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _without_gpu(args, which)
     from . import attention, common, conv2d, diffusion, gelu, group_norm, layer_norm, linear_gelu, overhead
     out = args.out or common.default_out_dir()
+    if args.smoke:
+        common.SMOKE, args.quick = True, True
     rc = 0
     if "layer_norm" in which:
         ops = tuple(args.ops.split(",")) if args.ops else layer_norm.OPS

@@ -121,7 +121,9 @@ def math_attention(q, k, v, causal):
     return torch.softmax(scores.float(), -1).to(q.dtype) @ v
 
 
-def _compiled() -> Provider:
+def _compiled() -> Union[Provider, str]:
+    if common.SMOKE:
+        return common.SMOKE_SKIP
     cfg = torch._dynamo.config
     setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 256)
     # the bwd mode replays one backward graph (retain_graph=True): no buffer donation
@@ -170,7 +172,7 @@ def run(*, quick: bool = False, dtype: str = "bf16", out: Optional[Path] = None)
         for name, p in provs.items():
             if isinstance(p, str):
                 sweep.skip(name, p)
-        for shape in shapes(quick):
+        for shape in common.smoke(shapes(quick)):
             sweep.bench_shape(*shape, provs)
         save()
 

@@ -370,12 +370,26 @@ def dlh_functional(backend: str):
     return DF
 
 
-def compiled(fn: Callable) -> Callable:
-    """``torch.compile(fn, dynamic=False)``: one graph per shape (and per requires_grad, ...).
+# `dlh bench --smoke` (the first GPU command of a session): one shape per benchmark and no
+# torch.compile provider, whose first compile of a shape takes longer than the whole row.
+SMOKE = False
+SMOKE_SKIP = "not run with --smoke (its compile time exceeds the row's budget)"
+
+
+def smoke(shapes: list) -> list:
+    """The shapes to bench: all of them, or with --smoke the first one only."""
+    return list(shapes)[:1] if SMOKE else list(shapes)
+
+
+def compiled(fn: Callable) -> Union[Callable, str]:
+    """``torch.compile(fn, dynamic=False)``: one graph per shape (and per requires_grad, ...);
+    with --smoke the reason it is skipped instead.
 
     Dynamo's recompile limit is raised so that it never falls back to eager halfway through the
     sweep (that would time eager under the torch.compile label).
     """
+    if SMOKE:
+        return SMOKE_SKIP
     cfg = torch._dynamo.config
     setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 256)
     return torch.compile(fn, dynamic=False)
@@ -561,7 +575,7 @@ def run_ops(new_sweep: Callable[[str, float, int, int], CopySweep], ops: Iterabl
     def body(sweep: CopySweep, save: Callable[[], None]) -> None:
         for op in ops:
             provs = sweep.skip_unavailable(op, providers(op))
-            for case, M, N in shapes(quick):
+            for case, M, N in smoke(shapes(quick)):
                 sweep.bench_shape(op, case, M, N, provs)
             save()
 

@@ -147,7 +147,7 @@ def timed_call(fn: Callable, name: str, mode: str, stride, padding, groups, acti
 def run(*, quick: bool = False, dtype: str = "bf16", out: Optional[Path] = None) -> int:
     def body(sweep: "Sweep", save: Callable[[], None]) -> None:
         provs = sweep.skip_unavailable("conv2d", providers())
-        for case in shapes(quick):
+        for case in common.smoke(shapes(quick)):
             sweep.bench_shape(case, provs)
             save()
 

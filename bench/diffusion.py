@@ -164,7 +164,7 @@ def bench_step(quick: bool, dtype: torch.dtype, copy_gbps: float) -> list[dict]:
     t, prev = diffusion.schedule("ddim", 50)[10]
     seed = torch.tensor(7, device="cuda")
     rows = []
-    for case, shape in (QUICK_STEP_SHAPES if quick else STEP_SHAPES):
+    for case, shape in common.smoke(QUICK_STEP_SHAPES if quick else STEP_SHAPES):
         x, m, u = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(3))
         n, elem = x.numel(), x.element_size()
         for kind in STEP_METHODS:
@@ -301,7 +301,7 @@ def bench_loops(quick: bool, dtype: torch.dtype) -> list[dict]:
     params = sum(p.numel() for p in model.parameters())
     rows = []
     with torch.no_grad():
-        for method, steps, eta in (QUICK_LOOPS if quick else LOOPS):
+        for method, steps, eta in common.smoke(QUICK_LOOPS if quick else LOOPS):
             provs = _loop_providers(model, method, steps, eta, dtype)
             base = {"eager": None, "graph": None}
             for name, fn in provs.items():

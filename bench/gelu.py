@@ -138,7 +138,7 @@ def providers(op: str) -> dict[str, MaybeProvider]:
         "dlh-triton": _dlh(op, "triton"),
         "dlh-cuda": _dlh(op, "cuda"),
         "eager": Provider(eager(op)),
-        "torch.compile": Provider(common.compiled(eager(op))),
+        "torch.compile": common.SMOKE_SKIP if common.SMOKE else Provider(common.compiled(eager(op))),
         "liger": _liger(op),
     }
 

@@ -1,61 +1,141 @@
 #!/usr/bin/env bash
-# The GPU session on a bare, offline machine, from the repo root, in phases that each fit one
-# 600-s device call:
+# The GPU session on a bare, offline machine, from the repo root, sized for what we get: 15
+# minutes of device time in all (start-up and idle included), at most 10 minutes a command.
 #
-#   bash bench/gpu_session.sh PHASE... [OUT_DIR]
-#     tests    install (builds the CUDA extension), dlh info, dlh check, the gpu-marked tests,
-#              then the whole suite (xdist, per-test timeout)
-#     bench    dlh bench --quick for every op family (layer_norm, gelu, linear_gelu, attention,
-#              conv2d, group_norm, diffusion), overhead, then the roofline summary
-#     models   the reference models (eager / patched / torch.compile / patched + compile),
-#              cold-start first calls, an ncu check of the NVTX filters, the summary and the
-#              README block rendered from this run
-#     all      tests bench models, one after the other (a machine without the 600-s limit)
+#   bash bench/gpu_session.sh PHASE [OUT_DIR]
+#     first   ONE command of at most 8 minutes (budget 480 s), in this order:
+#               versions   driver, nvcc, torch, triton, git sha
+#               install    the CUDA build for this GPU's architecture only (sm_90a on an H200),
+#                          all .cu files in parallel
+#               checks     every op's GPU correctness tests (each op family its own pytest,
+#                          fastest first, several at once: a failing or hanging op never stops
+#                          the others) and compute-sanitizer memcheck / racecheck / synccheck
+#                          on one small case per CUDA kernel (bench/sanitize.py)
+#               bench      one benchmark row per op family against its peers (dlh bench --smoke)
+#     second  an optional command of at most 4 minutes (budget 240 s): the quick benchmark
+#             sweeps against their peers (torch.compile included), host cost per call, the
+#             reference models, the roofline summary and the README block
+#     all     first then second (a machine without the 600-s limit)
 #   OUT_DIR: default $OUT (the lent machine's), else ./gpu_out.
 #
-# Through the device tool, one call per phase (every phase installs first if the build it finds
-# is missing or stale, so each also works on a fresh machine; a warm machine reuses the build
-# and the Triton/dlh caches in /tmp from the call before):
-#   run(command="DLH_GIT_SHA=$(git rev-parse --short=12 HEAD) bash bench/gpu_session.sh tests", carry=[".whl"], timeout_s=600)
-#   run(command="DLH_GIT_SHA=<sha> bash bench/gpu_session.sh bench", carry=[".whl"], timeout_s=600)
-#   run(command="DLH_GIT_SHA=<sha> bash bench/gpu_session.sh models", carry=[".whl"], timeout_s=600)
-# (the shell in `command` runs there, so put the sha in literally). The third only when status
-# says >= 11 minutes of device time are left. `.whl/` is optional: wheels there (Liger-Kernel,
-# nvtx, diffusers: bench/fetch_wheels.sh downloads them here) are installed into /tmp/site.
+# Through the device tool (the sha literally: the shell in `command` runs there):
+#   run(command="DLH_GIT_SHA=<sha> bash bench/gpu_session.sh first", carry=[".whl"], timeout_s=560)
+#   run(command="DLH_GIT_SHA=<sha> bash bench/gpu_session.sh second", carry=[".whl"], timeout_s=300)
+# Issue the second at once after the first (the machine stays warm for ~30 s only, and a warm
+# machine reuses the first call's build and caches in /tmp: without them the second rebuilds),
+# then give the machine back and read the results. `.whl/` is optional: wheels there
+# (Liger-Kernel, nvtx, diffusers: bench/fetch_wheels.sh downloads them here) go to /tmp/site.
 #
-# What comes back: $OUT/<phase>.log and $OUT/results-<phase>.tar.gz, which holds one folder
-# <date>-<gpu>/ (csv, json, png per benchmark; _cache/: the autotuning choices). Unpack into
-# bench/results/ and commit; `python -m dlh_kernels.bench.report` then rewrites the README's
-# results from them:
-#   tar -xzf /path/results-bench.tar.gz -C bench/results/ && python -m dlh_kernels.bench.report
+# What comes back (the tool returns at most 8 files from $OUT), rewritten after EVERY step so
+# that a command stopped at its limit still returns what it did:
+#   $OUT/<phase>.log              everything the steps printed
+#   $OUT/<phase>-summary.txt      one line per step (and per check group): exit code, seconds
+#   $OUT/results-<phase>.tar.gz   the folder <date>-<gpu>/: versions, per-check logs and junit
+#                                 xml, sanitizer reports, benchmark csv/json/png, _cache/
+# Unpack into bench/results/ and commit; `python -m dlh_kernels.bench.report` then rewrites the
+# README's results from them:
+#   tar -xzf results-first.tar.gz -C bench/results/ && python -m dlh_kernels.bench.report
 #
-# Time: each phase's steps have caps (seconds; DLH_CAP_<STEP> overrides one) inside a budget of
-# DLH_SESSION_BUDGET (default 540 s) for the whole call; a step never starts with less than the
-# minimum time of the steps after it left over (their sum is kept back). A step at its cap gets
-# SIGINT (the benchmarks write what they measured), then 20 s, then KILL. A failing step never
-# stops the later ones; the summary printed last gives each step's exit code and time
-# (124/130: hit its cap). DLH_DRY_RUN=1 prints the plan and runs nothing.
+# Time: each step has a cap (seconds; DLH_CAP_<STEP> overrides one) inside the phase's budget
+# (DLH_SESSION_BUDGET overrides it); a step never starts with less than the minimum time of the
+# steps after it left over (their sum is kept back). A step at its cap gets SIGINT (the
+# benchmarks write what they measured), then 15 s, then KILL. A failing step never stops the
+# later ones. DLH_DRY_RUN=1 prints the plan (every step and check group at its cap: the worst
+# case) and runs nothing; tests/test_bench.py checks that it fits each phase's budget.
 set -u -o pipefail
+
+# ---- internal: the parallel check groups of the `checks` step (the script runs itself) ---------
+# bash bench/gpu_session.sh __checks RESULTS CAP
+if [[ ${1:-} == __checks ]]; then
+    RESULTS=$2 CAP=$3
+    DRY=${DLH_DRY_RUN:-0}
+    CHECKS=$RESULTS/checks
+    mkdir -p "$CHECKS"
+    DEADLINE=$(($(date +%s) + CAP - 15))  # leave the step's own SIGINT/KILL margin
+    PARALLEL=${DLH_CHECK_PARALLEL:-6}
+    PYTEST=(env DLH_CACHE_DIR=off python3 -m pytest -q -p no:cacheprovider -o addopts= -rfE)
+    python3 -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 120)
+    XDIST=()
+    python3 -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+    SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    SAN=("$SANITIZER" --error-exitcode 1 --print-limit 20)
+    SANE=(python3 -m dlh_kernels.bench.sanitize)
+
+    # name, command: fastest first (the order they start in)
+    GROUPS_=(diffusion_step gelu layer_norm group_norm memcheck racecheck synccheck conv2d cuda_ext attention autotune)
+    group_cmd() {
+        if [[ -n ${DLH_CHECK_STUB:-} ]]; then echo "bash $DLH_CHECK_STUB $1"; return; fi  # tests
+        case $1 in
+            diffusion_step | gelu | layer_norm | group_norm)
+                echo "${PYTEST[*]} --junitxml=$CHECKS/$1.xml tests/test_$1.py" ;;
+            conv2d | attention)
+                echo "${PYTEST[*]} ${XDIST[*]} --junitxml=$CHECKS/$1.xml tests/test_$1.py" ;;
+            cuda_ext)  # the CUDA C++ kernels' own GPU tests (the emulated ones skip on a GPU)
+                echo "${PYTEST[*]} -m gpu --junitxml=$CHECKS/$1.xml $(ls tests/test_cuda_*.py | tr '\n' ' ')" ;;
+            autotune)  # the tuning path for real: every autotune list, the persistent cache
+                echo "${PYTEST[*]} --junitxml=$CHECKS/$1.xml tests/test_autotune.py" ;;
+            memcheck)  # real allocation bounds: no caching allocator
+                echo "env PYTORCH_NO_CUDA_MEMORY_CACHING=1 ${SAN[*]} --tool memcheck ${SANE[*]} --backends cuda,triton" ;;
+            racecheck | synccheck)
+                echo "${SAN[*]} --tool $1 ${SANE[*]} --backends cuda" ;;
+        esac
+    }
+    run_group() {
+        local name=$1 left=$((DEADLINE - $(date +%s))) t0 rc cmd
+        cmd=$(group_cmd "$name")
+        if [[ $DRY != 0 ]]; then
+            printf '%-16s dry run, cap %4ss: %s\n' "$name" "$CAP" "$cmd" | tee -a "$CHECKS/summary.txt"
+            return
+        fi
+        if ((left < 10)); then
+            printf '%-16s not started: %ss left\n' "$name" "$left" | tee -a "$CHECKS/summary.txt"
+            return
+        fi
+        t0=$(date +%s)
+        # shellcheck disable=SC2086  # cmd is a word list built above (no spaces inside words)
+        timeout -s INT -k 10 "$left" $cmd >"$CHECKS/$name.log" 2>&1
+        rc=$?
+        printf '%-16s rc=%-4s %4ss  %s\n' "$name" "$rc" $(($(date +%s) - t0)) \
+            "$(grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)|ERROR SUMMARY' "$CHECKS/$name.log" | tail -1)" \
+            | tee -a "$CHECKS/summary.txt"
+        [[ -n ${DLH_FLUSH:-} ]] && bash -c "$DLH_FLUSH"
+    }
+    : >"$CHECKS/summary.txt"
+    trap 'kill $(jobs -p) 2>/dev/null; wait; exit 130' INT TERM
+    for name in "${GROUPS_[@]}"; do
+        [[ $name == autotune && ! -f tests/test_autotune.py ]] && continue
+        while (($(jobs -rp | wc -l) >= PARALLEL)); do wait -n; done
+        run_group "$name" &
+    done
+    wait
+    ! grep -qvE 'rc=0 |dry run' "$CHECKS/summary.txt"
+    exit $?
+fi
 
 PHASES=()
 OUT_DIR=${OUT:-./gpu_out}
 for arg in "$@"; do
     case $arg in
-        tests | bench | models) PHASES+=("$arg") ;;
-        all) PHASES+=(tests bench models) ;;
+        first | second) PHASES+=("$arg") ;;
+        all) PHASES+=(first second) ;;
         *) OUT_DIR=$arg ;;
     esac
 done
-((${#PHASES[@]})) || PHASES=(tests)
+((${#PHASES[@]})) || PHASES=(first)
 DRY=${DLH_DRY_RUN:-0}
-BUDGET=${DLH_SESSION_BUDGET:-540}
 NAME=$(IFS=-; echo "${PHASES[*]}")
+declare -A PHASE_BUDGET=([first]=480 [second]=240)
+BUDGET=0
+for p in "${PHASES[@]}"; do BUDGET=$((BUDGET + PHASE_BUDGET[$p])); done
+BUDGET=${DLH_SESSION_BUDGET:-$BUDGET}
 mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
 LOG=$OUT_DIR/$NAME.log
+SUMMARY_FILE=$OUT_DIR/$NAME-summary.txt
 : >"$LOG"
+: >"$SUMMARY_FILE"
 export PYTHONUNBUFFERED=1
 SESSION_START=$(date +%s)
-SUMMARY=()
 
 # The run folder: <date>-<gpu>, as `dlh bench` names it (bench/common.py default_out_dir).
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
@@ -67,9 +147,10 @@ mkdir -p "$RESULTS"
 # Caches that outlive one call while the machine stays warm ($OUT is emptied between calls).
 export DLH_CACHE_DIR=${DLH_CACHE_DIR:-/tmp/dlh_cache}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
-# Build only for this GPU's architecture: half the nvcc time of the default 80;90.
+# Build only for this GPU's architecture, with the arch-specific features (9.0 -> 90a: wgmma).
 CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '.')
-export DLH_CUDA_ARCHS=${DLH_CUDA_ARCHS:-${CC:-90}}
+[[ ${CC:-} == 90 ]] && CC=90a
+export DLH_CUDA_ARCHS=${DLH_CUDA_ARCHS:-${CC:-90a}}
 export MAX_JOBS=${MAX_JOBS:-16}
 
 # Wheels carried in .whl/ go to /tmp/site: the image's own site-packages stay as they are.
@@ -80,7 +161,7 @@ fi
 # The install is reused when dlh_kernels imports from this checkout with its extension and the
 # stamp of the sources it was built from matches.
 STAMP_FILE=build/.dlh_session_stamp
-STAMP=$(cat setup.py csrc/* 2>/dev/null | sha256sum | cut -c1-16)
+STAMP=$( (cat setup.py csrc/*; echo "$DLH_CUDA_ARCHS") 2>/dev/null | sha256sum | cut -c1-16)
 installed() {
     [[ -f $STAMP_FILE && $(cat "$STAMP_FILE") == "$STAMP" ]] || return 1
     python3 - <<'EOF' 2>/dev/null
@@ -95,12 +176,24 @@ EOF
 NEED_INSTALL=1
 [[ ${DLH_FORCE_INSTALL:-0} == 0 ]] && [[ $DRY == 0 ]] && installed && NEED_INSTALL=0
 
+# Everything so far into $OUT: the summary is rewritten by each step; the archive replaced
+# atomically (a command killed mid-tar leaves the previous archive).
+flush() {
+    [[ $DRY != 0 ]] && return 0
+    if [[ -d $DLH_CACHE_DIR ]]; then mkdir -p "$RESULTS/_cache" && cp -r "$DLH_CACHE_DIR"/. "$RESULTS/_cache/" 2>/dev/null; fi
+    local tmp
+    tmp=$(mktemp "$OUT_DIR/.results.XXXXXX")
+    tar -czf "$tmp" -C "$OUT_DIR" "$RUN" 2>/dev/null && mv -f "$tmp" "$OUT_DIR/results-$NAME.tar.gz" || rm -f "$tmp"
+}
+# the same archive from inside the checks step, after each check group (groups end concurrently:
+# one temp file per flushing process)
+export DLH_FLUSH="t='$OUT_DIR/.results.'\$\$; tar -czf \"\$t\" -C '$OUT_DIR' '$RUN' 2>/dev/null && mv -f \"\$t\" '$OUT_DIR/results-$NAME.tar.gz' || rm -f \"\$t\""
+
 # The plan is built twice: a first pass records each step's minimum, the second runs the steps,
 # each capped at min(its cap, budget left - the minimums of the steps after it).
 PASS=plan
 MINS=()
 INDEX=0
-
 SIMULATED=0
 elapsed() {  # seconds since the start; a dry run counts every step as having run to its cap
     if [[ $DRY != 0 ]]; then echo "$SIMULATED"; else echo $(($(date +%s) - SESSION_START)); fi
@@ -123,14 +216,21 @@ step() {
     echo -e "\n=== $name (cap ${cap}s): $*" | tee -a "$LOG"
     if [[ $DRY != 0 ]]; then  # the worst case: every step runs to its cap
         SIMULATED=$((SIMULATED + cap))
-        SUMMARY+=("$(printf '%-20s dry run, cap %4ss' "$name" "$cap")")
+        printf '%-20s dry run, cap %4ss\n' "$name" "$cap" >>"$SUMMARY_FILE"
+        [[ $name == checks ]] && "$@" "$cap" 2>&1 | tee -a "$LOG"
         return 0
     fi
-    local t0
+    local t0 rc
     t0=$(date +%s)
-    timeout -s INT -k 20 "$cap" "$@" 2>&1 | tee -a "$LOG"
-    local rc=${PIPESTATUS[0]}
-    SUMMARY+=("$(printf '%-20s rc=%-4s %4ss' "$name" "$rc" $(($(date +%s) - t0)))")
+    if [[ $name == checks ]]; then
+        timeout -s INT -k 15 "$cap" "$@" "$cap" 2>&1 | tee -a "$LOG"
+    else
+        timeout -s INT -k 15 "$cap" "$@" 2>&1 | tee -a "$LOG"
+    fi
+    rc=${PIPESTATUS[0]}
+    printf '%-20s rc=%-4s %4ss\n' "$name" "$rc" $(($(date +%s) - t0)) >>"$SUMMARY_FILE"
+    [[ $name == checks && -f $RESULTS/checks/summary.txt ]] && sed 's/^/    /' "$RESULTS/checks/summary.txt" >>"$SUMMARY_FILE"
+    flush
     return 0
 }
 
@@ -142,66 +242,49 @@ cap() {  # cap NAME DEFAULT: DLH_CAP_<NAME> or the default
 # the module form: works whether or not pip put the `dlh` script on PATH
 DLH=(python3 -m dlh_kernels)
 BENCH=("${DLH[@]}" bench)
-# the tests tune for themselves (the autotuner's reset_to_zero path is under test): no saved choices
-PYTEST=(env DLH_CACHE_DIR=off python3 -m pytest -q -p no:cacheprovider -o addopts= -rfE)
+
+versions() {
+    cat <<'EOF'
+set -x
+nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,clocks.max.sm --format=csv
+nvcc --version | tail -2
+git rev-parse HEAD 2>/dev/null || echo "DLH_GIT_SHA=${DLH_GIT_SHA:-unknown}"
+python3 -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer
+EOF
+}
 
 prelude() {
+    step versions 20 5 bash -c "{ $(versions)
+} 2>&1 | tee '$RESULTS/versions.txt'"
     if compgen -G ".whl/*.whl" >/dev/null; then
-        step wheels 60 15 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        step wheels 40 10 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
             --upgrade --target /tmp/site .whl/*.whl
     fi
-    step nvidia-smi 20 5 nvidia-smi
     if [[ $NEED_INSTALL == 1 ]]; then
-        step install "$(cap install 240)" 150 bash -c \
-            "python3 -m pip install --no-build-isolation --no-deps -e . && mkdir -p build && echo $STAMP > $STAMP_FILE"
+        step install "$(cap install 150)" 90 bash -c \
+            "python3 -m pip install -v --no-build-isolation --no-deps -e . >'$RESULTS/install.log' 2>&1; rc=\$?
+             grep -E 'dlh-kernels setup|rror|Successfully installed' '$RESULTS/install.log' | tail -30
+             [[ \$rc == 0 ]] && mkdir -p build && echo $STAMP >$STAMP_FILE; exit \$rc"
     else
         step install-reused 5 5 echo "reusing the install of this checkout (stamp $STAMP)"
     fi
-    step "dlh info" 30 10 "${DLH[@]}" info
+    step "dlh info" 20 10 "${DLH[@]}" info
 }
 
-phase_tests() {
-    step "dlh check" "$(cap check 90)" 30 "${DLH[@]}" check
-    step "tests (gpu)" "$(cap gpu_tests 150)" 40 "${PYTEST[@]}" -m gpu tests/
-    local extra=()
-    python3 -c "import xdist" 2>/dev/null && extra+=(-n 8)
-    python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 120)
-    step "tests (all)" "$(cap all_tests 300)" 60 "${PYTEST[@]}" "${extra[@]}" tests/
+phase_first() {
+    step checks "$(cap checks 230)" 120 bash "$0" __checks "$RESULTS"
+    step "bench smoke" "$(cap smoke 70)" 40 "${BENCH[@]}" \
+        layer_norm,gelu,linear_gelu,attention,conv2d,group_norm,diffusion --smoke --out "$RESULTS"
 }
 
-phase_bench() {
-    # the quick sweeps' time goes mostly to torch.compile and Triton's first compiles
-    step "bench layer_norm" "$(cap layer_norm 110)" 30 "${BENCH[@]}" layer_norm --quick --out "$RESULTS"
-    step "bench gelu" "$(cap gelu 70)" 25 "${BENCH[@]}" gelu --quick --out "$RESULTS"
-    step "bench linear_gelu" "$(cap linear_gelu 60)" 25 "${BENCH[@]}" linear_gelu --quick --out "$RESULTS"
-    step "bench attention" "$(cap attention 90)" 30 "${BENCH[@]}" attention --quick --out "$RESULTS"
-    step "bench conv2d" "$(cap conv2d 60)" 25 "${BENCH[@]}" conv2d --quick --out "$RESULTS"
-    step "bench group_norm" "$(cap group_norm 50)" 20 "${BENCH[@]}" group_norm --quick --out "$RESULTS"
-    step "bench diffusion" "$(cap diffusion 50)" 20 "${BENCH[@]}" diffusion --quick --out "$RESULTS"
-    step "bench overhead" "$(cap overhead 25)" 15 "${BENCH[@]}" overhead --out "$RESULTS"
-    step "bench summary" 20 10 "${BENCH[@]}" summary --save-auto --out "$RESULTS"
-}
-
-phase_models() {
-    step "bench models" "$(cap models 300)" 60 "${BENCH[@]}" models --quick --budget-s 240 --out "$RESULTS"
-    step "bench coldstart" "$(cap coldstart 120)" 30 "${BENCH[@]}" coldstart --out "$RESULTS"
-    # does ncu find our ranges? kernels profiled inside dlh::layer_norm[triton] (escaped brackets)
-    if command -v ncu >/dev/null || [[ $DRY != 0 ]]; then
-        step "ncu nvtx filter" "$(cap ncu 60)" 20 bash -c "$(ncu_check)"
-    fi
-    step "bench summary" 20 10 "${BENCH[@]}" summary --out "$RESULTS"
-    step "report" 15 5 python3 -m dlh_kernels.bench.report --results "$OUT_DIR" --stdout
-}
-
-ncu_check() {  # the filter from dlh_kernels.profiling.ncu_filter, in both domains
-    cat <<EOF
-for filter in 'dlh@dlh::layer_norm\[triton\]/' 'dlh::layer_norm\[triton\]/'; do
-  echo "--- ncu --nvtx-include \$filter"
-  ncu --profile-from-start off --nvtx --nvtx-include "\$filter" --clock-control none \
-      --metrics gpu__time_duration.sum --csv ${DLH[*]} profile layer_norm --backend triton \
-      --iters 2 --warmup 1 2>&1 | tee -a "$RESULTS/ncu_filter.log" | grep -c 'gpu__time_duration' || true
-done
-EOF
+phase_second() {
+    step "bench quick" "$(cap quick 120)" 60 "${BENCH[@]}" \
+        layer_norm,gelu,linear_gelu,attention,conv2d,group_norm,diffusion --quick --out "$RESULTS"
+    step "bench overhead" "$(cap overhead 20)" 10 "${BENCH[@]}" overhead --out "$RESULTS"
+    step "bench models" "$(cap models 50)" 30 "${BENCH[@]}" models --quick --budget-s 40 --out "$RESULTS"
+    step "bench summary" 10 5 "${BENCH[@]}" summary --save-auto --out "$RESULTS"
+    step report 10 5 python3 -m dlh_kernels.bench.report --results "$OUT_DIR" --stdout
 }
 
 run_all() {
@@ -214,17 +297,9 @@ run_all
 PASS=run
 run_all
 
-# Results (and the autotuning choices) into one archive: few files come back from $OUT.
-if [[ $DRY == 0 ]]; then
-    if [[ -d $DLH_CACHE_DIR ]]; then mkdir -p "$RESULTS/_cache" && cp -r "$DLH_CACHE_DIR"/. "$RESULTS/_cache/"; fi
-    tar -czf "$OUT_DIR/results-$NAME.tar.gz" -C "$OUT_DIR" "$RUN" && rm -rf "$RESULTS"
-fi
-
 {
     echo -e "\n=== summary of $NAME ($(elapsed) s of a ${BUDGET}-s budget; rc 124/130: hit its cap)"
-    printf '%s\n' "${SUMMARY[@]}"
+    cat "$SUMMARY_FILE"
     ls -l "$OUT_DIR"
-    [[ -f $OUT_DIR/results-$NAME.tar.gz ]] && tar -tzf "$OUT_DIR/results-$NAME.tar.gz" | head -60
 } | tee -a "$LOG"
-for line in "${SUMMARY[@]}"; do [[ $line == *"rc=0 "* || $line == *"dry run"* ]] || exit 1; done
-exit 0
+! grep -E '^[^ ]' "$SUMMARY_FILE" | grep -qvE 'rc=0 |dry run'

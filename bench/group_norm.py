@@ -149,7 +149,7 @@ def run(*, quick: bool = False, dtype: str = "bf16", out: Optional[Path] = None,
     def body(sweep: "Sweep", save: Callable[[], None]) -> None:
         for op in ops:
             provs = sweep.skip_unavailable(op, providers(op))
-            for case, B, C, H, layout in shapes(quick):
+            for case, B, C, H, layout in common.smoke(shapes(quick)):
                 sweep.bench_shape(op, case, B, C, H, layout, provs)
             save()
 

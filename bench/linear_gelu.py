@@ -130,7 +130,7 @@ matmul_ceiling = common.matmul_ceiling  # (name, TFLOP/s) in the run's dtype; ru
 def run(*, quick: bool = False, dtype: str = "bf16", out: Optional[Path] = None) -> int:
     def body(sweep: Sweep, save: Callable[[], None]) -> None:
         provs = sweep.skip_unavailable("linear_gelu", providers())
-        for case, M, K, N, approximate in shapes(quick):
+        for case, M, K, N, approximate in common.smoke(shapes(quick)):
             sweep.bench_shape(case, M, K, N, approximate, provs)
         save()
 

@@ -28,45 +28,107 @@ def test_gpu_session_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
-def _dry_run(tmp_path, *phases, budget=540):
-    env = dict(os.environ, DLH_DRY_RUN="1", DLH_SESSION_BUDGET=str(budget))
+def _dry_run(tmp_path, *phases, budget=None):
+    env = dict(os.environ, DLH_DRY_RUN="1")
+    if budget:
+        env["DLH_SESSION_BUDGET"] = str(budget)
     env.pop("OUT", None)
     proc = subprocess.run(["bash", str(SCRIPT), *phases, str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     caps = {m.group(1).strip(): int(m.group(2)) for m in
-            re.finditer(r"^(.+?)\s+dry run, cap\s+(\d+)s$", proc.stdout, re.M)}
+            re.finditer(r"^(\S.*?)\s+dry run, cap\s+(\d+)s$", next(tmp_path.glob("*-summary.txt")).read_text(), re.M)}
     return proc.stdout, caps
 
 
-@pytest.mark.parametrize("phase, steps", [
-    ("tests", ["install", "dlh info", "dlh check", "tests (gpu)", "tests (all)"]),
-    ("bench", ["install", "bench layer_norm", "bench gelu", "bench linear_gelu", "bench attention",
-               "bench conv2d", "bench group_norm", "bench diffusion", "bench overhead", "bench summary"]),
-    ("models", ["install", "bench models", "bench coldstart", "ncu nvtx filter", "bench summary", "report"]),
+CHECK_GROUPS = ["diffusion_step", "gelu", "layer_norm", "group_norm", "memcheck", "racecheck", "synccheck",
+                "conv2d", "cuda_ext", "attention"]
+
+
+@pytest.mark.parametrize("phase, budget, steps", [
+    # the first command: at most 8 minutes, inside the device tool's 10 (start-up and transfers)
+    ("first", 480, ["versions", "install", "dlh info", "checks", "bench smoke"]),
+    # the optional second: at most 4 minutes
+    ("second", 240, ["install", "bench quick", "bench overhead", "bench models", "bench summary", "report"]),
 ])
-def test_gpu_session_dry_run_fits_one_call(tmp_path, phase, steps):
+def test_gpu_session_dry_run_fits_its_cap(tmp_path, phase, budget, steps):
     out, caps = _dry_run(tmp_path, phase)
     assert [s for s in steps if s not in caps] == []
-    # the worst case (every step to its cap) stays inside the budget, leaving the 600-s call's
-    # margin for the 20-s kill grace of a step
-    assert sum(caps.values()) <= 540
-    assert f"--out {tmp_path}/" in out or phase == "tests"
+    # the worst case (every step to its cap) stays inside the phase's budget
+    assert sum(caps.values()) <= budget, caps
     # a dry run runs nothing and archives nothing
     assert not list(tmp_path.glob("*.tar.gz"))
     assert (tmp_path / f"{phase}.log").is_file()
+    if phase == "first":
+        # every op family's tests and each sanitizer tool, each capped by the checks step
+        for group in CHECK_GROUPS:
+            m = re.search(rf"^{group}\s+dry run, cap\s+(\d+)s: (.*)$", out, re.M)
+            assert m and int(m.group(1)) <= caps["checks"], group
+        assert "--tool memcheck" in out and "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in out
+        assert "--smoke" in out
+        # fastest first: the quick op families start before attention
+        assert out.index("diffusion_step  ") < out.index("conv2d  ") < out.index("attention  ")
+    else:
+        assert "--quick" in out and "--save-auto" in out and "--budget-s" in out
 
 
 def test_gpu_session_all_phases_in_order(tmp_path):
     out, caps = _dry_run(tmp_path, "all", budget=100000)
     order = [line[4:].split(" (cap")[0] for line in out.splitlines() if line.startswith("=== ")
              and "(cap" in line]
-    assert order.index("tests (all)") < order.index("bench layer_norm") < order.index("bench models")
-    assert "--budget-s" in out and "--quick" in out and "--save-auto" in out
+    assert order.index("checks") < order.index("bench smoke") < order.index("bench quick") < order.index("bench models")
+
+
+def test_gpu_session_checks_run_every_group_and_flush_after_each(tmp_path):
+    """The checks step for real, with each group's command stubbed: one group fails, one hangs
+    past its cap; every other group still runs, each result is flushed as it lands, and the step
+    says it failed."""
+    stub = tmp_path / "stub.sh"
+    stub.write_text('echo "group $1"\n'
+                    '[[ $1 == gelu ]] && { echo "1 failed, 3 passed in 0.1s"; exit 1; }\n'
+                    '[[ $1 == racecheck ]] && sleep 600\n'
+                    'echo "4 passed in 0.1s"\n')
+    flushes = tmp_path / "flushes"
+    env = dict(os.environ, DLH_CHECK_STUB=str(stub), DLH_FLUSH=f"echo flushed >> {flushes}")
+    env.pop("DLH_DRY_RUN", None)
+    proc = subprocess.run(["bash", str(SCRIPT), "__checks", str(tmp_path), "26"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    summary = (tmp_path / "checks" / "summary.txt").read_text()
+    rcs = dict(re.findall(r"^(\S+)\s+rc=(\d+)", summary, re.M))
+    assert set(CHECK_GROUPS) <= set(rcs), summary
+    assert rcs.pop("gelu") == "1" and rcs.pop("racecheck") in ("124", "130")  # 124: hit its cap
+    assert set(rcs.values()) == {"0"}, summary
+    assert (tmp_path / "checks" / "attention.log").read_text().startswith("group attention")
+    assert len(flushes.read_text().splitlines()) == len(re.findall("rc=", summary))
+
+
+def test_sanitize_cases_run_on_cpu():
+    """bench/sanitize.py's cases (the GPU session runs them under compute-sanitizer) through the
+    torch backend and the Triton interpreter, so that the GPU window does not find a broken
+    script. Attention's Triton case is the slowest under the interpreter: torch only there."""
+    from dlh_kernels.bench import sanitize
+    assert sanitize.run(["torch"], device="cpu") == 0
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        names = [n for n in sanitize.CASES if n != "attention"]
+        assert sanitize.run(["triton"], names, device="cpu") == 0
 
 
 # ---------------------------------------------------------------------------------------------
 # dlh bench arguments
+
+def test_bench_smoke_keeps_one_shape_and_no_torch_compile(monkeypatch):
+    """`dlh bench --smoke` (the first GPU command's benchmark step): the first shape of each
+    sweep, and torch.compile reported as skipped rather than compiled."""
+    from dlh_kernels.bench import attention, common, gelu
+    assert bench._parser().parse_args(["attention", "--smoke"]).smoke
+    assert common.smoke([3, 2, 1]) == [3, 2, 1]
+    monkeypatch.setattr(common, "SMOKE", True)
+    assert common.smoke([3, 2, 1]) == [3]
+    assert common.compiled(lambda x: x) == common.SMOKE_SKIP
+    assert attention._compiled() == common.SMOKE_SKIP
+    assert gelu.providers("gelu")["torch.compile"] == common.SMOKE_SKIP
+
 
 def test_bench_which_lists():
     assert bench._which("layer_norm,gelu") == ("layer_norm", "gelu")
