@@ -97,22 +97,37 @@ class Tuning:
         run._test_recorder = self
         monkeypatch.setattr(fn, "run", run, raising=False)
 
-    def check_tuned(self, name: str) -> tuple:
-        """The kernel was tuned over >= 2 candidates and then launched with the last one benched
-        (the stub's winner), which the autotuner's cache holds. Returns the winner."""
+    def check_tuned(self, name: str, tunings: int = 1, allowed=None) -> list:
+        """The kernel was tuned `tunings` times (once per new key), each time over >= 2
+        candidates, all of them `allowed` (early_config_prune ran), and each tuning was followed
+        by a launch of the last candidate benched (the stub's winner), which the autotuner's
+        cache holds. Returns the winners."""
         seq = self.launches.get(name, [])
-        benched = [c for phase, c in seq if phase == "bench"]
-        runs = [c for phase, c in seq if phase == "run"]
         tuner = self.tuners[name]
-        assert len(set(benched)) >= 2, f"{name}: fewer than 2 candidates benched: {seq}"
-        assert runs and runs[-1] == benched[-1], f"{name}: launched {runs} after benching {benched}"
-        assert benched[-1] in {_config_key(c) for c in tuner.cache.values()}
-        return benched[-1]
+        sessions, benched = [], []
+        for phase, config in seq:
+            if phase == "bench":
+                benched.append(config)
+            else:
+                sessions.append((benched, config))
+                benched = []
+        assert not benched, f"{name}: benched without a launch after it: {seq}"
+        tuned = [(b, run) for b, run in sessions if b]
+        assert len(tuned) == tunings, f"{name}: {len(tuned)} tunings, expected {tunings}: {seq}"
+        cached = [_config_key(c) for c in tuner.cache.values()]
+        for b, run in tuned:
+            assert len(set(b)) >= 2, f"{name}: fewer than 2 candidates benched: {b}"
+            assert allowed is None or all(allowed(c) for c in b), f"{name}: pruning let through {b}"
+            assert run == b[-1], f"{name}: launched {run} after benching {b}"
+            # the fields a config does not set (conv2d's BLOCK_K comes from the glue) match any
+            assert any(all(a is None or a == r for a, r in zip(c, run)) for c in cached), \
+                f"{name}: {run} is not in the autotuner's cache {cached}"
+        return [run for _, run in tuned]
 
-    def check_not_tuned(self, name: str, winner: tuple) -> None:
-        seq = self.launches.get(name, [])
-        assert seq and all(phase == "run" and c == winner for phase, c in seq), \
-            f"{name}: expected only launches of the saved {winner}, got {seq}"
+    def check_not_tuned(self, name: str, winners: list) -> None:
+        runs = [c for phase, c in self.launches.get(name, []) if phase == "run"]
+        assert len(runs) == len(self.launches.get(name, [])), f"{name}: benched again"
+        assert runs == winners, f"{name}: expected launches of the saved {winners}, got {runs}"
 
     def reset(self) -> None:
         self.benched = 0
@@ -158,7 +173,8 @@ def _saved_choices(cache_dir, kernel_name: str) -> list:
 ATTN_CASES = {
     # name: (dq mode, mask kind, dropout_p, causal); GQA (2 query heads per K/V head) in all
     "separate_causal": ("separate", None, 0.0, True),     # the default: dQ=None in dK/dV (T1)
-    "atomic_bias_dropout": ("atomic", "float", 0.25, False),  # reset_to_zero on the dQ accumulator; dmask
+    # reset_to_zero on the dQ accumulator; dmask, the bias shared by the heads (BCAST_H)
+    "atomic_bias_dropout": ("atomic", "float", 0.25, False),
     "separate_bool_dropout": ("separate", "bool", 0.25, False),
 }
 # L = S = 64: the largest length at which fwd/dq keep 4 candidates, dkdv 3 and dmask 2 after
@@ -178,30 +194,112 @@ def _attention_call(case):
     dq_mode, mask_kind, dropout_p, causal = ATTN_CASES[case]
     B, Hq, Hkv, L, S, D, Dv = ATTN_SHAPE
     q, k, v = make_qkv(B, Hq, Hkv, L, S, D, Dv, torch.float32, seed=11)
-    mask = None if mask_kind is None else _mask((B, Hq, L, S), mask_kind, torch.float32)
+    mask_shape = (B, 1, L, S) if mask_kind == "float" else (B, Hq, L, S)
+    mask = None if mask_kind is None else _mask(mask_shape, mask_kind, torch.float32)
     check_call("triton", q, k, v, mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=True)
     return mask_kind == "float"
 
 
+def _tune_then_reload(tuning, factory, call, expect: dict) -> None:
+    """call() tunes every kernel of `expect` (name -> (tunings, allowed)); then fresh autotuners
+    (as in a new process: factory's cache cleared) read the saved choices back and launch them
+    without benching anything, and call() is still right."""
+    call()
+    winners = {}
+    for name, (tunings, allowed) in expect.items():
+        winners[name] = tuning.check_tuned(name, tunings, allowed)
+        saved = _saved_choices(tuning.cache_dir, name)  # [[tuning key, str(config)], ...]
+        assert len(saved) >= tunings, f"{name}: {len(saved)} choices saved, expected {tunings}"
+    factory.cache_clear()
+    tuning.reset()
+    call()
+    assert tuning.benched == 0, "tuned again although the choices were saved"
+    for name in expect:
+        tuning.check_not_tuned(name, winners[name])
+
+
+def _fits(max_m, max_n):
+    return lambda c: c[0] <= max_m and c[1] <= max_n
+
+
 @pytest.mark.parametrize("case", list(ATTN_CASES))
 def test_attention_autotuned_path(case, monkeypatch, tuning, attention_tuned):
-    monkeypatch.setattr(attn_kernels, "DQ_MODE", ATTN_CASES[case][0])
-    has_dmask = _attention_call(case)
-    kernels = ["fwd", "dkdv"] + ([] if ATTN_CASES[case][0] == "atomic" else ["dq"]) + \
-        (["dmask"] if has_dmask else [])
-    names = {"fwd": "attn_fwd_kernel", "dkdv": "attn_bwd_dkdv_kernel", "dq": "attn_bwd_dq_kernel",
-             "dmask": "attn_bwd_dmask_kernel"}
-    winners = {}
-    for kernel in kernels:
-        winners[kernel] = tuning.check_tuned(names[kernel])
-        assert _saved_choices(tuning.cache_dir, names[kernel])
+    dq_mode, mask_kind, _, _ = ATTN_CASES[case]
+    monkeypatch.setattr(attn_kernels, "DQ_MODE", dq_mode)
+    L = ATTN_SHAPE[3]
+    small = (1, _fits(L, L))  # _prune: no tile longer than the sequence
+    expect = {"attn_fwd_kernel": small, "attn_bwd_dkdv_kernel": small}
+    if dq_mode == "separate":
+        expect["attn_bwd_dq_kernel"] = small
+    if mask_kind == "float":
+        expect["attn_bwd_dmask_kernel"] = small
+    _tune_then_reload(tuning, attention_tuned, lambda: _attention_call(case), expect)
 
-    # A fresh set of autotuners (as in a new process) reads the choices back and launches them
-    # straight away: no candidate is benched again, and the result is still right.
-    attention_tuned.cache_clear()
-    tuning.reset()
-    _attention_call(case)
-    assert tuning.benched == 0, "tuned again although the choices were saved"
-    for kernel in kernels:
-        tuning.check_not_tuned(names[kernel], winners[kernel])
 
+# ---------------------------------------------------------------------------------------------
+# conv2d forward: the plain epilogue (forward) and the GRAD one (the backward's dz = dy * act'(z)),
+# two keys of one autotuner.
+
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_conv2d_autotuned_path(activation, monkeypatch, tuning):
+    monkeypatch.setattr(conv_kernels, "_autotuned", lambda: True)
+    factory = _hook_factory(monkeypatch, tuning, conv_kernels, "_tuned_fwd")
+    # K = 64 output channels per group: _prune keeps the 5 configs with BLOCK_N <= 64 (of 7)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, 5, 6, generator=g).to(DEVICE).requires_grad_()
+    w = (torch.randn(64, 4, 3, 3, generator=g) * 0.3).to(DEVICE).requires_grad_()
+    b = torch.randn(64, generator=g).to(DEVICE).requires_grad_()
+
+    def act(z):
+        return z if activation is None else F.silu(z)
+
+    def call():
+        for t in (x, w, b):
+            t.grad = None
+        out = DF.conv2d(x, w, b, padding=1, activation=activation, backend="triton")
+        leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+        ref = act(F.conv2d(*leaves, padding=1))
+        eager_leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+        eager = act(F.conv2d(*eager_leaves, padding=1))
+        assert_close(out, ref, eager, torch.float32, "out")
+        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+        out.backward(dy)
+        ref.backward(dy.double())
+        eager.backward(dy)
+        for name, t, r, e in zip(("input", "weight", "bias"), (x, w, b), leaves, eager_leaves):
+            assert_close(t.grad, r.grad, e.grad, torch.float32, f"grad {name}")
+
+    # the backward launches the forward kernel with GRAD=True only for an activation
+    tunings = 1 if activation is None else 2
+    _tune_then_reload(tuning, factory, call, {"conv2d_fwd_kernel": (tunings, _fits(1 << 30, 64))})
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_gelu: forward and the GRAD epilogue of its backward, all 9 configs (no pruning).
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_gelu_autotuned_path(approximate, monkeypatch, tuning):
+    monkeypatch.setattr(gelu_kernels, "_autotuned", lambda: True)
+    factory = _hook_factory(monkeypatch, tuning, gelu_kernels, "_tuned_linear_gelu")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 40, generator=g).to(DEVICE).requires_grad_()  # M = 21 rows, K = 40
+    w = (torch.randn(48, 40, generator=g) * 0.2).to(DEVICE).requires_grad_()
+    b = torch.randn(48, generator=g).to(DEVICE).requires_grad_()
+
+    def call():
+        for t in (x, w, b):
+            t.grad = None
+        out = DF.linear_gelu(x, w, b, approximate=approximate, backend="triton")
+        leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+        ref = F.gelu(F.linear(*leaves), approximate=approximate)
+        eager_leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+        eager = F.gelu(F.linear(*eager_leaves), approximate=approximate)
+        assert_close(out, ref, eager, torch.float32, "out")
+        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+        out.backward(dy)
+        ref.backward(dy.double())
+        eager.backward(dy)
+        for name, t, r, e in zip(("input", "weight", "bias"), (x, w, b), leaves, eager_leaves):
+            assert_close(t.grad, r.grad, e.grad, torch.float32, f"grad {name}")
+
+    _tune_then_reload(tuning, factory, call, {"linear_gelu_kernel": (2, None)})

@@ -276,6 +276,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _autotuned() -> bool:
+    """The forward goes through its autotuner on the GPU; the interpreter runs one fixed config
+    (tests/test_autotune.py patches this to drive the autotuner on CPU tensors)."""
+    return not _interpreting()
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     # F.conv2d obeys cuDNN's switch (torch.backends.cudnn.allow_tf32, on by default), so we do too.
     if dtype == torch.float32 and (_interpreting() or not torch.backends.cudnn.allow_tf32):
@@ -339,7 +345,7 @@ def conv2d_fwd(x, w, bias, y, stride, pad, dilation, groups, act: int, negative_
     flags = dict(ACT=act, HAS_BIAS=bias is not None, GRAD=grad,
                  INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_interpreting(),
                  BLOCK_K=16 if _interpreting() else _block_k(CG))
-    if _interpreting():
+    if not _autotuned():
         c = INTERPRETER_CONFIG
         grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(KG, c["BLOCK_N"]), groups)
         conv2d_fwd_kernel[grid](*args, **flags, **c)
