@@ -78,6 +78,7 @@ import triton.language as tl
 
 from dlh_kernels._alloc import empty
 from dlh_kernels._cache import persistent_autotune
+from dlh_kernels.triton_kernels.common import fits_shared_memory
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -713,17 +714,31 @@ def _configs(kernel: str) -> list:
     return [C({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
+def _kernel_of(named_args) -> str:
+    """Which attention kernel an autotuner's arguments belong to (their names differ)."""
+    if "Out" in named_args:
+        return "attn_fwd_kernel"
+    if "DMask" in named_args:
+        return "attn_bwd_dmask_kernel"
+    return "attn_bwd_dkdv_kernel" if "DK" in named_args else "attn_bwd_dq_kernel"
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles that are all padding for short sequences and the big ones for head dim 256."""
+    """Drop tiles that are all padding for short sequences, the big ones for head dim 256, and,
+    before compiling them, those whose shared memory (triton_kernels/common.py's estimate, for
+    this kernel, dtype, head dims and mask) exceeds the device's."""
     L = named_args.get("L_BUCKET", 1 << 30)
     S = named_args.get("S_BUCKET", 1 << 30)
     block_d = max(kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64))
+    kernel = _kernel_of(named_args)
     kept = []
     for c in configs:
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if m > max(L, 16) or n > max(S, 16):
             continue
         if block_d > 128 and (m * n > 64 * 64 or c.num_stages > 2):
+            continue
+        if "Q" in named_args and not fits_shared_memory(kernel, named_args, kwargs, c):
             continue
         kept.append(c)
     return kept or configs[-1:]

@@ -4,8 +4,13 @@
   epilogues): exact z * Phi(z), and PyTorch's tanh form written as z * sigmoid(2u), the same
   number without tanh and without overflow for large |u|;
 - the grouped tile order of the matmul-shaped kernels (linear_gelu, conv2d): GROUP_M row tiles
-  share each column tile while it is in L2.
+  share each column tile while it is in L2;
+- the shared-memory footprint of the autotuned kernels' configs and the device's limit, for the
+  early prunes of their autotune lists (host-side Python, not jit).
 """
+import functools
+from typing import Optional
+
 import triton
 import triton.language as tl
 
@@ -46,3 +51,106 @@ def grouped_tile(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
     return pid_m, pid_n
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared-memory footprints, for the autotune lists' early prunes: a config whose tiles cannot fit
+# in the device's shared memory per block is dropped before it is compiled (a first call would
+# otherwise pay a 1-25 s compile per doomed config, then Triton's OutOfResources at load).
+#
+# The counts follow how Triton (3.6 and 3.9, sm_80/sm_90) lays out a software-pipelined loop:
+# every load in the loop that feeds a tl.dot becomes a cp.async into a ring of num_stages
+# shared buffers; an operand loaded once before the loop (attention's Q, or K/V in dK/dV) keeps
+# one buffer for the whole loop; loads that feed no dot but sit in the pipelined loop (the mask
+# tile) get num_stages - 1 buffers; the epilogue's layout conversions reuse the ring. Checked
+# against the measured shared memory of every variant in bench/results/triton_resources_*.json
+# (tests/test_triton_compile.py: the estimate must keep every config that fits and drop every
+# config that does not, on sm_90 and sm_80). It may overestimate where a loop is not fully
+# pipelined (dK/dV at hd 128 in fp32, num_stages = 1); it must not underestimate near the limit.
+
+SM90_MAX_SHARED = 232_448  # H100/H200: cudaDevAttrMaxSharedMemoryPerBlockOptin
+SM80_MAX_SHARED = 166_912  # A100
+
+
+@functools.lru_cache(maxsize=None)
+def _device_max_shared(driver_kind: str, device) -> int:
+    from triton.runtime import driver
+    return int(driver.active.utils.get_device_properties(device)["max_shared_mem"])
+
+
+def max_shared_memory() -> int:
+    """Shared memory per block of the current device (cached per device), from the active Triton
+    driver; without one (no GPU: the interpreter, CPU tests), the H100's."""
+    try:
+        from triton.runtime import driver
+        active = driver.active
+        return _device_max_shared(type(active).__name__ + str(active.get_current_target()),
+                                  active.get_current_device())
+    except Exception:  # no driver: nothing to ask
+        return SM90_MAX_SHARED
+
+
+def _elem(t) -> int:
+    """Bytes per element of a tensor argument (None: 0)."""
+    return 0 if t is None else t.element_size()
+
+
+def attention_shared_bytes(kernel: str, elem: int, mask_elem: int, BLOCK_M: int, BLOCK_N: int,
+                           BLOCK_D: int, BLOCK_DV: int, num_stages: int) -> int:
+    """Shared memory of one attention program. kernel: "fwd", "dq", "dkdv" or "dmask"; elem: bytes
+    per Q/K/V element; mask_elem: bytes per mask element (0: no mask, 1: bool)."""
+    rows_q = BLOCK_M * (BLOCK_D + BLOCK_DV)   # a query block's q and dO (dq, dkdv, dmask)
+    rows_k = BLOCK_N * (BLOCK_D + BLOCK_DV)   # a key block's k and v
+    mask = BLOCK_M * BLOCK_N * mask_elem
+    if kernel == "fwd":
+        resident, ring = BLOCK_M * BLOCK_D * elem, rows_k * elem
+        if num_stages <= 1:  # nothing pipelined: q, the k tile and p as dot operands
+            return resident + BLOCK_N * max(BLOCK_D, BLOCK_DV) * elem + BLOCK_M * BLOCK_N * elem + mask
+    elif kernel in ("dq", "dmask"):
+        resident, ring = rows_q * elem, rows_k * elem
+    elif kernel == "dkdv":
+        # the q/dO ring of the inner loop holds at most 2 buffers (measured with 2, 3 stages),
+        # plus lse and delta rows per buffer
+        resident, ring = rows_k * elem, rows_q * elem + BLOCK_M * 8
+        if num_stages > 2:
+            num_stages = 2
+        if num_stages <= 1:
+            return resident + ring + 2 * BLOCK_M * BLOCK_N * elem + mask
+    else:
+        raise ValueError(f"unknown attention kernel {kernel!r}")
+    return resident + max(1, num_stages) * ring + max(0, num_stages - 1) * mask
+
+
+def matmul_shared_bytes(elem: int, BLOCK_M: int, BLOCK_N: int, BLOCK_K: int, num_stages: int) -> int:
+    """Shared memory of a pipelined tl.dot main loop (linear_gelu, the conv2d implicit GEMMs): a
+    ring of num_stages (A, B) tile pairs; the epilogue reuses it."""
+    return max(1, num_stages) * (BLOCK_M + BLOCK_N) * BLOCK_K * elem
+
+
+def shared_memory_estimate(kernel_name: str, named_args: dict, meta: dict) -> Optional[int]:
+    """The estimate for a launch of kernel_name with these arguments (name -> value; tensors
+    give the element sizes) and constexprs + config (BLOCK_*, num_stages); None for kernels
+    without a model (the elementwise and norm kernels use no shared ring)."""
+    stages = meta.get("num_stages", 3)
+    if kernel_name.startswith("attn_") and kernel_name != "attn_bwd_preprocess_kernel" \
+            and kernel_name != "attn_dropout_mask_kernel":
+        kernel = {"attn_fwd_kernel": "fwd", "attn_bwd_dq_kernel": "dq", "attn_bwd_dkdv_kernel": "dkdv",
+                  "attn_bwd_dmask_kernel": "dmask"}[kernel_name]
+        mask = named_args.get("Mask")
+        mask_elem = 0 if mask is None else _elem(mask)
+        return attention_shared_bytes(kernel, _elem(named_args["Q"]), mask_elem, meta["BLOCK_M"],
+                                      meta["BLOCK_N"], meta["BLOCK_D"], meta["BLOCK_DV"], stages)
+    if kernel_name == "linear_gelu_kernel":
+        return matmul_shared_bytes(_elem(named_args["A"]), meta["BLOCK_M"], meta["BLOCK_N"],
+                                   meta["BLOCK_K"], stages)
+    if kernel_name in ("conv2d_fwd_kernel", "conv2d_bwd_input_kernel", "conv2d_bwd_weight_kernel"):
+        a = named_args.get("X") if kernel_name == "conv2d_fwd_kernel" else named_args.get("DZ")
+        return matmul_shared_bytes(_elem(a), meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], stages)
+    return None
+
+
+def fits_shared_memory(kernel_name: str, named_args: dict, meta: dict, config) -> bool:
+    """Whether an autotune config's estimated footprint fits the current device (the prunes)."""
+    estimate = shared_memory_estimate(kernel_name, named_args,
+                                      {**meta, **config.kwargs, "num_stages": config.num_stages})
+    return estimate is None or estimate <= max_shared_memory()

@@ -53,7 +53,7 @@ import triton.language as tl
 
 from dlh_kernels._alloc import empty
 from dlh_kernels._cache import persistent_autotune
-from dlh_kernels.triton_kernels.common import gelu_fp32, gelu_grad_fp32, grouped_tile
+from dlh_kernels.triton_kernels.common import fits_shared_memory, gelu_fp32, gelu_grad_fp32, grouped_tile
 
 
 # activation codes, shared with the glue and csrc/conv2d.cu
@@ -310,11 +310,14 @@ def _fwd_configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    """Column tiles wider than the per-group output channels (rounded up) waste the tile."""
+    """Column tiles wider than the per-group output channels (rounded up) waste the tile; tiles
+    whose pipelined shared memory (common.py's estimate) exceeds the device's are dropped before
+    they are compiled."""
     kg = named_args["KG"]
     cap = _block_n(kg)
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= cap]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= cap
+            and fits_shared_memory("conv2d_fwd_kernel", named_args, kwargs, c)]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] * c.num_stages)]
 
 
 @functools.lru_cache(maxsize=None)

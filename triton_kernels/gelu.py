@@ -44,7 +44,7 @@ import triton.language as tl
 
 from dlh_kernels._alloc import empty
 from dlh_kernels._cache import persistent_autotune
-from dlh_kernels.triton_kernels.common import gelu_fp32, gelu_grad_fp32, grouped_tile
+from dlh_kernels.triton_kernels.common import fits_shared_memory, gelu_fp32, gelu_grad_fp32, grouped_tile
 
 # Elements one program of an elementwise kernel handles: 8 KB of bf16 in, enough independent
 # loads per thread (32 with 4 warps) to cover memory latency.
@@ -309,6 +309,14 @@ def _matmul_configs():
     ]
 
 
+def _prune_matmul(configs, named_args, **kwargs):
+    """Drop, before compiling them, the configs whose pipelined (A, W) tiles (common.py's
+    estimate: num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K elements) exceed the device's shared
+    memory: fp32 doubles every tile, and an A100 has 163 KB, not the H100's 227 KB."""
+    kept = [c for c in configs if fits_shared_memory("linear_gelu_kernel", named_args, kwargs, c)]
+    return kept or configs[-1:]
+
+
 INTERPRETER_MATMUL_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
 
@@ -321,7 +329,8 @@ def _bucket(n: int) -> int:
 def _tuned_linear_gelu():
     # choices kept across runs in the dlh cache directory (dlh_kernels/_cache.py)
     return persistent_autotune(
-        triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K", "GRAD"])(linear_gelu_kernel))
+        triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K", "GRAD"],
+                        prune_configs_by={"early_config_prune": _prune_matmul})(linear_gelu_kernel))
 
 
 def _input_precision(dtype: torch.dtype) -> str:
