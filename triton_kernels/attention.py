@@ -692,10 +692,15 @@ def _on_gpu(t: torch.Tensor) -> bool:
 
 
 def _small_config(block_d: int) -> dict:
-    """The fixed GPU configuration for problems too small to be worth tuning."""
+    """The fixed GPU configuration for problems too small to be worth tuning. One config serves
+    the forward, dK/dV and dQ kernels, so the tile is the one none of them spills with
+    (launch-exact compiles, bench/results/triton_resources_*.md): 64 x 64 spilled in dK/dV
+    and dQ at head dim 64 (K, V and their fp32 gradients held per key row), 32 x 32 spilled
+    up to 744 B in the fp32 dQ at head dim 256; 64 x 32 and, at 256, 16 x 32 do not (fp32
+    dK/dV at 256 still does: a documented exception of tests/test_triton_compile.py)."""
     if block_d > 128:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=64, BLOCK_N=32 if block_d > 64 else 64, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
 def _configs(kernel: str) -> list:
