@@ -18,7 +18,7 @@ import torch
 
 from conftest import DEVICE, HAS_GPU
 from test_attention import assert_close, check_call, make_qkv
-from test_cuda_build import EMU_MMA, _build_emulated, needs_nvcc
+from test_cuda_build import _build_emulated, needs_nvcc
 
 import dlh_kernels as dlh
 import dlh_kernels.functional as DF
@@ -133,17 +133,9 @@ def test_gpu_auto_routes_around_what_cuda_cannot_do():
 # ---------------------------------------------------------------------------------------------
 # (b) the CPU emulation
 
+EMU_ATTN_ENTRIES = [("attention_fwd", "AttentionFwdArgs"), ("attention_bwd", "AttentionBwdArgs")]
 EMU_ATTN_EXPORTS = r"""
-#include <exception>
-extern "C" int emu_attention_fwd(const dlh::AttentionFwdArgs* a, char* err, int n) {
-  try { dlh::attention_fwd(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; }
-  return 0;
-}
-extern "C" int emu_attention_bwd(const dlh::AttentionBwdArgs* a, char* err, int n) {
-  try { dlh::attention_bwd(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; }
-  return 0;
-}
-extern "C" int emu_head_dim_supported(long long D, int backward) {
+EMU_EXPORT int emu_head_dim_supported(long long D, int backward) {
   return dlh::attention_head_dim_supported(D, backward != 0);
 }
 """
@@ -168,35 +160,36 @@ class _EmulatedAttentionExt:
             _fields_ = ([(n, U) for n in "dout q k v out lse mask seed dq dk dv delta dscores".split()] + sizes
                         + [("strides", I * 28)] + tail)
 
-        lib.emu_head_dim_supported.argtypes = [ctypes.c_longlong, ctypes.c_int]
-        self.lib, self.Fwd, self.Bwd, self.ctypes, self.I = lib, Fwd, Bwd, ctypes, I
+        self.head_dim_supported = lib.function("emu_head_dim_supported", ctypes.c_int,
+                                               [ctypes.c_longlong, ctypes.c_int])
+        self.lib, self.Fwd, self.Bwd, self.I = lib, Fwd, Bwd, I
         self.calls = []
 
-    def _call(self, fn, struct, n_strides, args):
+    def _call(self, entry, struct, n_strides, args):
         names = [n for n, _ in struct._fields_]
         kw = dict(zip(names, args))
         kw["strides"] = (self.I * n_strides)(*kw["strides"])
-        err = self.ctypes.create_string_buffer(512)
-        if fn(self.ctypes.byref(struct(**kw)), err, 512):
-            message = err.value.decode()
-            raise (ValueError if "must" in message else RuntimeError)(message)
+        try:
+            self.lib.run(entry, struct(**kw))
+        except RuntimeError as exc:  # the C++ invalid_argument messages say "must"
+            message = str(exc)
+            raise (ValueError if "must" in message else RuntimeError)(message) from None
 
     def attention_fwd(self, *args):
         self.calls.append("fwd")
-        self._call(self.lib.emu_attention_fwd, self.Fwd, 16, args)
+        self._call("attention_fwd", self.Fwd, 16, args)
 
     def attention_bwd(self, *args):
         self.calls.append("bwd")
-        self._call(self.lib.emu_attention_bwd, self.Bwd, 28, args)
+        self._call("attention_bwd", self.Bwd, 28, args)
 
     def attention_head_dim_supported(self, D, backward):
-        return bool(self.lib.emu_head_dim_supported(D, int(backward)))
+        return bool(self.head_dim_supported(D, int(backward)))
 
 
 @pytest.fixture(scope="module")
-def emulated_attention(tmp_path_factory):
-    lib = _build_emulated(tmp_path_factory, "attention.cu", EMU_ATTN_EXPORTS, 4, header_extra=EMU_MMA)
-    return _EmulatedAttentionExt(lib)
+def emulated_attention():
+    return _EmulatedAttentionExt(_build_emulated("attention.cu", EMU_ATTN_ENTRIES, EMU_ATTN_EXPORTS, min_launches=4))
 
 
 @pytest.fixture

@@ -31,6 +31,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import cuda_emu
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
@@ -474,210 +476,27 @@ def test_gpu_norm_paths_against_float64(M, N, dtype, w_dtype, residual, rms, row
     _check_norm(_GpuExt(C), torch.device("cuda"), sms, M, N, dtype, w_dtype, residual, rms, row_pad)
 
 
-# ---- the same checks on the CPU, through an emulation of the few CUDA features the kernels use
-# One std::thread per CUDA thread, blocks one after another (so `static` works as __shared__),
-# warp shuffles through a per-warp exchange and barrier, kernel launches rewritten into calls.
-# Host arithmetic differs from the GPU's only in FMA contraction and rsqrtf rounding.
-EMU_HEADER = r"""
-#pragma once
-#include <cuda_runtime.h>
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <barrier>
-#include <cmath>
-#include <cstdio>
-#include <functional>
-#include <memory>
-#include <thread>
-#include <vector>
-#undef __shared__
-#define __shared__ static
-#undef __launch_bounds__
-#define __launch_bounds__(...)
-#undef __global__
-#define __global__
-#undef __device__
-#define __device__
-#undef __forceinline__
-#define __forceinline__ inline
-#define __CUDACC__ 1
-namespace emu {
-struct Warp {
-  float vals[32];
-  const void* ptrs[32];   // ldmatrix row addresses (mma emulation)
-  unsigned words[32][6];  // mma operand fragments (mma emulation)
-  std::unique_ptr<std::barrier<>> bar;
-};
-struct Block { std::unique_ptr<std::barrier<>> bar; std::vector<Warp> warps; };
-inline Block* block_state = nullptr;
-inline thread_local int lane, warp;
-}
-inline thread_local uint3 threadIdx, blockIdx;
-inline dim3 blockDim, gridDim;
-inline void __syncthreads() { emu::block_state->bar->arrive_and_wait(); }
-inline float __shfl_xor_sync(unsigned, float v, int offset) {
-  emu::Warp& w = emu::block_state->warps[emu::warp];
-  w.vals[emu::lane] = v;
-  w.bar->arrive_and_wait();
-  const float other = w.vals[emu::lane ^ offset];
-  w.bar->arrive_and_wait();
-  return other;
-}
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline long min(long a, long b) { return a < b ? a : b; }
-namespace emu {
-inline void launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
-  const int threads = block.x * block.y * block.z;
-  Block state;
-  state.bar = std::make_unique<std::barrier<>>(threads);
-  state.warps.resize(threads / 32);
-  for (Warp& w : state.warps) w.bar = std::make_unique<std::barrier<>>(32);
-  block_state = &state;
-  blockDim = block;
-  gridDim = grid;
-  std::barrier<> next_block(threads);
-  std::vector<std::thread> pool;
-  for (int t = 0; t < threads; ++t)
-    pool.emplace_back([&, t] {
-      threadIdx = make_uint3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
-      lane = t % 32;
-      warp = t / 32;
-      for (unsigned b = 0; b < grid.x * grid.y * grid.z; ++b) {
-        blockIdx = make_uint3(b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y));
-        kernel();
-        next_block.arrive_and_wait();
-      }
-    });
-  for (std::thread& th : pool) th.join();
-}
-}
-extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }
-extern "C" const char* cudaGetErrorString(cudaError_t) { return "no error"; }
-// Device queries: a small "GPU" of emu_sm_count SMs holding one block each, so that grids are a
-// few blocks and the grid-stride loops go round many times.
-extern "C" int emu_sm_count = 3;
-extern "C" cudaError_t cudaGetDevice(int* device) { *device = 0; return cudaSuccess; }
-extern "C" cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrMultiProcessorCount ? emu_sm_count
-           : attr == cudaDevAttrComputeCapabilityMajor ? 8 : 0;
-  return cudaSuccess;
-}
-extern "C" cudaError_t cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int) { return cudaSuccess; }
-extern "C" cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int, size_t) {
-  *blocks = 1;
-  return cudaSuccess;
-}
-// 16-byte accesses (kernels that call DLH_TEST_VECTOR_ACCESS): how many, and how many misaligned,
-// which a GPU would fault on and a CPU silently allows.
-#include <atomic>
-#include <cstdint>
-inline std::atomic<long long> emu_vector_accesses{0}, emu_misaligned_accesses{0};
-inline void emu_vector_access(const void* p) {
-  emu_vector_accesses.fetch_add(1, std::memory_order_relaxed);
-  if (reinterpret_cast<std::uintptr_t>(p) % 16) emu_misaligned_accesses.fetch_add(1, std::memory_order_relaxed);
-}
-extern "C" long long emu_take_vector_accesses(long long* misaligned) {
-  *misaligned = emu_misaligned_accesses.exchange(0);
-  return emu_vector_accesses.exchange(0);
-}
-"""
+# ---- the same checks on the CPU, through the strict CUDA emulation of tests/cuda_emu (one
+# std::thread per CUDA thread, asynchronous cp.async, bounded shared memory, alignment, race,
+# shuffle-mask and launch checks: any violation fails the call). Host arithmetic differs from the
+# GPU's only in FMA contraction and rsqrtf rounding.
 
-# mma.sync, ldmatrix and cp.async (csrc/mma.cuh) for the emulation above (header_extra of
-# _build_emulated; tests/test_cuda_attention.py and the conv2d tensor-core test): every lane posts
-# its operand registers (or its row address) to its warp, and after a barrier reads back what the
-# instruction would give it, element by element from the PTX ISA's fragment tables.
-EMU_MMA = r"""
-#include <cstring>
-#define DLH_EMULATE_MMA 1
-#define DLH_DYNAMIC_SMEM(name) alignas(16) static unsigned char name[232448]
-inline void cp_async16(void* dst, const void* src, bool valid) {
-  if (valid) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
-}
-inline void cp_async_commit() {}
-template <int N> inline void cp_async_wait() {}
-namespace emu {
-inline void ldmatrix(unsigned* r, const void* p, bool trans) {
-  Warp& w = block_state->warps[warp];
-  w.ptrs[lane] = p;
-  w.bar->arrive_and_wait();
-  const int g = lane >> 2, t = lane & 3;
-  for (int i = 0; i < 4; ++i) {  // matrix i: rows at the addresses of lanes 8i .. 8i+7
-    const auto row = [&](int k) { return static_cast<const unsigned short*>(w.ptrs[8 * i + k]); };
-    const unsigned lo = trans ? row(2 * t)[g] : row(g)[2 * t];
-    const unsigned hi = trans ? row(2 * t + 1)[g] : row(g)[2 * t + 1];
-    r[i] = lo | (hi << 16);
-  }
-  w.bar->arrive_and_wait();
-}
-inline float b16(__half, unsigned bits) { __half_raw r; r.x = (unsigned short)bits; return __half2float(__half(r)); }
-inline float b16(__nv_bfloat16, unsigned bits) {
-  __nv_bfloat16_raw r; r.x = (unsigned short)bits; return __bfloat162float(__nv_bfloat16(r));
-}
-}
-inline void ldmatrix_x4(unsigned* r, const void* p) { emu::ldmatrix(r, p, false); }
-inline void ldmatrix_x4_trans(unsigned* r, const void* p) { emu::ldmatrix(r, p, true); }
-template <typename T> inline void mma16816(float* c, const unsigned* a, const unsigned* b) {
-  emu::Warp& w = emu::block_state->warps[emu::warp];
-  for (int i = 0; i < 4; ++i) w.words[emu::lane][i] = a[i];
-  w.words[emu::lane][4] = b[0];
-  w.words[emu::lane][5] = b[1];
-  w.bar->arrive_and_wait();
-  // A (16x16, row): element (r, k) in lane 4*(r%8) + (k%8)/2, register (r>=8) + 2*(k>=8), half k%2
-  // B (16x8, col): element (k, n) in lane 4*n + (k%8)/2, register 4 + (k>=8), half k%2
-  const auto A = [&](int r, int k) {
-    const unsigned v = w.words[4 * (r % 8) + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)];
-    return emu::b16(T{}, k % 2 ? v >> 16 : v & 0xffffu);
-  };
-  const auto B = [&](int k, int n) {
-    const unsigned v = w.words[4 * n + (k % 8) / 2][4 + (k >= 8)];
-    return emu::b16(T{}, k % 2 ? v >> 16 : v & 0xffffu);
-  };
-  const int g = emu::lane >> 2, t = emu::lane & 3;
-  float d[4];
-  for (int e = 0; e < 4; ++e) {
-    const int r = g + 8 * (e >> 1), n = 2 * t + (e & 1);
-    float acc = 0.f;
-    for (int k = 0; k < 16; ++k) acc += A(r, k) * B(k, n);
-    d[e] = c[e] + acc;
-  }
-  w.bar->arrive_and_wait();
-  for (int e = 0; e < 4; ++e) c[e] = d[e];
-}
+EMU_NORM_EXPORTS = r"""
+EMU_EXPORT long long emu_fwd_ws(long long M, long long N, int sm) { return dlh::norm_fwd_workspace(M, N, sm); }
+EMU_EXPORT long long emu_bwd_ws(long long M, long long N, int sm) { return dlh::norm_bwd_workspace(M, N, sm); }
 """
-
-EMU_EXPORTS = r"""
-#include <exception>
-extern "C" int emu_norm_fwd(const dlh::NormFwdArgs* a, char* err, int n) {
-  try { dlh::norm_fwd(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; }
-  return 0;
-}
-extern "C" int emu_norm_bwd(const dlh::NormBwdArgs* a, char* err, int n) {
-  try { dlh::norm_bwd(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; }
-  return 0;
-}
-extern "C" long long emu_fwd_ws(long long M, long long N, int sm) {
-  return dlh::norm_fwd_workspace(M, N, sm);
-}
-extern "C" long long emu_bwd_ws(long long M, long long N, int sm) {
-  return dlh::norm_bwd_workspace(M, N, sm);
-}
-"""
-
+EMU_NORM_ENTRIES = [("norm_fwd", "NormFwdArgs"), ("norm_bwd", "NormBwdArgs")]
 EMU_BATCH_ELEMS = 40000  # row batches of the split paths after 40k elements instead of 2M
+EMU_NORM_DEFINES = [f"-DDLH_TEST_SPLIT_BATCH_ELEMS={EMU_BATCH_ELEMS}"]
 
 
-def _emulated_source(cu_text, exports=EMU_EXPORTS, min_launches=3):
-    """A .cu file with each `kernel<<<grid, block, smem, stream>>>(args);` made a call."""
-    launch = re.compile(r"^(\s*)([^\n;]+?)<<<(.+?)>>>\((.*?)\);", re.M | re.S)
-
-    def rewrite(m):
-        indent, kernel, config, args = m.groups()
-        grid, block = [c.strip() for c in re.split(r",(?![^()]*\))", config)][:2]
-        return f"{indent}::emu::launch({grid}, {block}, [&] {{ {kernel}({args}); }});"
-
-    text, launches = launch.subn(rewrite, cu_text)
-    assert launches >= min_launches, f"expected at least {min_launches} kernel launches, found {launches}"
-    return text.replace('#include "common.cuh"', '#include "emu.h"\n#include "common.cuh"') + exports
+def _build_emulated(cu_name, entries, extra_exports="", defines=(), min_launches=3, source=None):
+    """csrc/<cu_name> (or `source`, a mutated copy of its text) under the emulation: a
+    cuda_emu.Library (skips the test where the emulation cannot be built)."""
+    reason = cuda_emu.unavailable()
+    if reason:
+        pytest.skip(reason)
+    return cuda_emu.build(cu_name, entries, extra_exports, defines, min_launches, source)
 
 
 class _EmulatedExt:
@@ -700,62 +519,27 @@ class _EmulatedExt:
                         + [(n, I) for n in "M N stride_dy stride_h stride_dh stride_dx".split()]
                         + [("rms", ctypes.c_bool)] + tail)
 
-        for name in ("emu_fwd_ws", "emu_bwd_ws"):
-            getattr(lib, name).restype = ctypes.c_longlong
-            getattr(lib, name).argtypes = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int]
-        self.lib, self.Fwd, self.Bwd, self.ctypes = lib, Fwd, Bwd, ctypes
-
-    def _call(self, fn, args):
-        err = self.ctypes.create_string_buffer(512)
-        if fn(self.ctypes.byref(args), err, 512):
-            raise RuntimeError(err.value.decode())
+        ws = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int]
+        self.fwd_ws = lib.function("emu_fwd_ws", ctypes.c_longlong, ws)
+        self.bwd_ws = lib.function("emu_bwd_ws", ctypes.c_longlong, ws)
+        self.lib, self.Fwd, self.Bwd = lib, Fwd, Bwd
 
     def norm_fwd_workspace(self, M, N, sms):
-        return self.lib.emu_fwd_ws(M, N, sms)
+        return self.fwd_ws(M, N, sms)
 
     def norm_bwd_workspace(self, M, N, sms):
-        return self.lib.emu_bwd_ws(M, N, sms)
+        return self.bwd_ws(M, N, sms)
 
     def norm_fwd(self, **kw):
-        self._call(self.lib.emu_norm_fwd, self.Fwd(**kw, stream=0))
+        self.lib.run("norm_fwd", self.Fwd(**kw, stream=0))
 
     def norm_bwd(self, **kw):
-        self._call(self.lib.emu_norm_bwd, self.Bwd(**kw, stream=0))
-
-
-def _build_emulated(tmp_path_factory, cu_name, exports, min_launches, defines=(), header_extra=""):
-    """Compiles csrc/<cu_name> with the CUDA emulation (plus header_extra) into a shared library;
-    returns its ctypes.CDLL."""
-    import ctypes
-
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    cuda_include = Path(os.path.realpath(NVCC)).parent.parent / "include"
-    if not (cuda_include / "cuda_fp16.h").is_file():
-        cuda_include = Path("/usr/local/cuda/include")
-    if not cxx or not (cuda_include / "cuda_fp16.h").is_file():
-        pytest.skip("needs a host C++ compiler and the CUDA headers")
-    work = tmp_path_factory.mktemp("emulated")
-    probe = subprocess.run([cxx, "-std=c++20", "-x", "c++", "-fsyntax-only", "-"],
-                           input="#include <barrier>\n", capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"{cxx} lacks C++20 <barrier>")
-    (work / "emu.h").write_text(EMU_HEADER + header_extra)
-    stem = Path(cu_name).stem
-    source = work / f"{stem}_emu.cpp"
-    source.write_text(_emulated_source((CSRC / cu_name).read_text(), exports, min_launches))
-    lib = work / f"{stem}_emu.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", *defines, f"-I{work}", f"-I{CSRC}",
-           f"-I{cuda_include}", str(source), "-o", str(lib), "-pthread"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"the emulated build of {cu_name} failed:\n{proc.stderr}"
-    return ctypes.CDLL(str(lib))
+        self.lib.run("norm_bwd", self.Bwd(**kw, stream=0))
 
 
 @pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    lib = _build_emulated(tmp_path_factory, "layer_norm.cu", EMU_EXPORTS, 3,
-                          [f"-DDLH_TEST_SPLIT_BATCH_ELEMS={EMU_BATCH_ELEMS}"])
-    return _EmulatedExt(lib)
+def emulated():
+    return _EmulatedExt(_build_emulated("layer_norm.cu", EMU_NORM_ENTRIES, EMU_NORM_EXPORTS, EMU_NORM_DEFINES))
 
 
 # (M, N, dtype, w_dtype, residual, rms, row_pad, sm_count, weight): the path each one reaches
@@ -974,20 +758,10 @@ def test_gpu_gelu_past_2_31_elements():
 
 
 # ---- the same on the CPU emulation ------------------------------------------------------------
+EMU_GELU_ENTRIES = [("gelu_fwd", "GeluFwdArgs"), ("gelu_bwd", "GeluBwdArgs"), ("geglu_fwd", "GegluFwdArgs"),
+                    ("geglu_bwd", "GegluBwdArgs")]
 EMU_GELU_EXPORTS = r"""
-#include <exception>
-#define EMU_ENTRY(name, Args)                                                      \
-  extern "C" int emu_##name(const dlh::Args* a, char* err, int n) {                \
-    try { dlh::name(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; } \
-    return 0;                                                                      \
-  }
-EMU_ENTRY(gelu_fwd, GeluFwdArgs)
-EMU_ENTRY(gelu_bwd, GeluBwdArgs)
-EMU_ENTRY(geglu_fwd, GegluFwdArgs)
-EMU_ENTRY(geglu_bwd, GegluBwdArgs)
-extern "C" long long emu_gelu_bwd_ws(long long M, long long N, int sm) {
-  return dlh::gelu_bwd_workspace(M, N, sm);
-}
+EMU_EXPORT long long emu_gelu_bwd_ws(long long M, long long N, int sm) { return dlh::gelu_bwd_workspace(M, N, sm); }
 """
 
 
@@ -1010,24 +784,21 @@ class _EmulatedGeluExt:
             "geglu_fwd": args("x y", "M H stride_x stride_y", "dtype"),
             "geglu_bwd": args("dy x dx", "M H stride_dy stride_x stride_dx", "dtype"),
         }
-        lib.emu_gelu_bwd_ws.restype = ctypes.c_longlong
-        lib.emu_gelu_bwd_ws.argtypes = [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int]
-        lib.emu_take_vector_accesses.restype = ctypes.c_longlong
-        self.lib, self.ctypes = lib, ctypes
-        self.vector_accesses = {}  # entry point -> 16-byte accesses so far
+        self.ws = lib.function("emu_gelu_bwd_ws", ctypes.c_longlong,
+                               [ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int])
+        self.lib = lib
+        self.vector_accesses = {}  # entry point -> 16-byte accesses so far (misaligned ones: violations)
 
     def _call(self, name, kw):
-        err = self.ctypes.create_string_buffer(512)
-        failed = getattr(self.lib, "emu_" + name)(self.ctypes.byref(self.args[name](**kw, stream=0)), err, 512)
-        misaligned = self.ctypes.c_longlong(0)
-        count = self.lib.emu_take_vector_accesses(self.ctypes.byref(misaligned))
-        assert misaligned.value == 0, f"{name}: {misaligned.value} misaligned 16-byte accesses (a GPU faults)"
-        self.vector_accesses[name] = self.vector_accesses.get(name, 0) + count
-        if failed:
-            raise RuntimeError(err.value.decode())
+        before = self.lib.totals["vector_accesses"]
+        try:
+            self.lib.run(name, self.args[name](**kw, stream=0))
+        finally:
+            count = self.lib.totals["vector_accesses"] - before
+            self.vector_accesses[name] = self.vector_accesses.get(name, 0) + count
 
     def gelu_bwd_workspace(self, M, N, sms):
-        return self.lib.emu_gelu_bwd_ws(M, N, sms)
+        return self.ws(M, N, sms)
 
     def gelu_fwd(self, **kw):
         self._call("gelu_fwd", kw)
@@ -1043,8 +814,8 @@ class _EmulatedGeluExt:
 
 
 @pytest.fixture(scope="module")
-def emulated_gelu(tmp_path_factory):
-    return _EmulatedGeluExt(_build_emulated(tmp_path_factory, "gelu.cu", EMU_GELU_EXPORTS, 3,
+def emulated_gelu():
+    return _EmulatedGeluExt(_build_emulated("gelu.cu", EMU_GELU_ENTRIES, EMU_GELU_EXPORTS,
                                             ["-DDLH_TEST_VECTOR_ACCESS=emu_vector_access"]))
 
 
@@ -1137,17 +908,7 @@ def test_gelu_bad_arguments_emulated(emulated_gelu):
 # send, against the float64 torch backend; the drawn noise against the torch Philox stream.
 # (On a GPU, tests/test_diffusion_step.py runs the real cuda backend the same way.)
 
-EMU_STEP_EXPORTS = r"""
-#include <exception>
-extern "C" int emu_diffusion_step(const dlh::DiffusionStepArgs* a, char* err, int n) {
-  try { dlh::diffusion_step(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; }
-  return 0;
-}
-extern "C" int emu_seeded_randn(const dlh::SeededRandnArgs* a, char* err, int n) {
-  try { dlh::seeded_randn(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; }
-  return 0;
-}
-"""
+EMU_STEP_ENTRIES = [("diffusion_step", "DiffusionStepArgs"), ("seeded_randn", "SeededRandnArgs")]
 
 
 class _EmulatedStepExt:
@@ -1174,28 +935,23 @@ class _EmulatedStepExt:
             _fields_ = [("out", U), ("seed", U), ("seed_value", I), ("n", I), ("dtype", ctypes.c_int),
                         ("stream", U)]
 
-        self.lib, self.Step, self.Randn, self.ctypes = lib, Step, Randn, ctypes
+        self.lib, self.Step, self.Randn = lib, Step, Randn
         self.I = I
-
-    def _call(self, fn, args):
-        err = self.ctypes.create_string_buffer(512)
-        if fn(self.ctypes.byref(args), err, 512):
-            raise RuntimeError(err.value.decode())
 
     def diffusion_step(self, *args):
         names = [n for n, _ in self.Step._fields_]
         kw = dict(zip(names, args))
         kw["dims"] = (self.I * 4)(*kw["dims"])
         kw["strides"] = (self.I * 20)(*kw["strides"])
-        self._call(self.lib.emu_diffusion_step, self.Step(**kw))
+        self.lib.run("diffusion_step", self.Step(**kw))
 
     def seeded_randn(self, *args):
-        self._call(self.lib.emu_seeded_randn, self.Randn(*args))
+        self.lib.run("seeded_randn", self.Randn(*args))
 
 
 @pytest.fixture(scope="module")
-def emulated_step(tmp_path_factory):
-    return _EmulatedStepExt(_build_emulated(tmp_path_factory, "diffusion_step.cu", EMU_STEP_EXPORTS, 3))
+def emulated_step():
+    return _EmulatedStepExt(_build_emulated("diffusion_step.cu", EMU_STEP_ENTRIES))
 
 
 @pytest.fixture
@@ -1293,21 +1049,13 @@ def test_seeded_randn_emulated(step_ops, dtype):
 # vectors and the scalar fallback. On a GPU (marked `gpu`) with the real extension; on the CPU
 # with the emulated kernels standing in for dlh_kernels._C.
 
+EMU_GN_ENTRIES = [("group_norm_fwd", "GroupNormFwdArgs"), ("group_norm_bwd", "GroupNormBwdArgs")]
 EMU_GN_EXPORTS = r"""
-#include <exception>
-extern "C" int emu_group_norm_fwd(const dlh::GroupNormFwdArgs* a, char* err, int n) {
-  try { dlh::group_norm_fwd(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; }
-  return 0;
-}
-extern "C" int emu_group_norm_bwd(const dlh::GroupNormBwdArgs* a, char* err, int n) {
-  try { dlh::group_norm_bwd(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; }
-  return 0;
-}
-extern "C" long long emu_group_norm_fwd_ws(long long N, long long C, long long S, long long G, bool inner,
+EMU_EXPORT long long emu_group_norm_fwd_ws(long long N, long long C, long long S, long long G, bool inner,
                                            int dtype, int sm) {
   return dlh::group_norm_fwd_workspace(N, C, S, G, inner, dtype, sm);
 }
-extern "C" long long emu_group_norm_bwd_ws(long long N, long long C, long long S, long long G, bool inner,
+EMU_EXPORT long long emu_group_norm_bwd_ws(long long N, long long C, long long S, long long G, bool inner,
                                            int dtype, int sm) {
   return dlh::group_norm_bwd_workspace(N, C, S, G, inner, dtype, sm);
 }
@@ -1338,33 +1086,27 @@ class _EmulatedGroupNormExt:
                                            "stride_xs stride_dxn stride_dxc stride_dxs".split()]
                         + [("silu", ctypes.c_bool), ("channels_inner", ctypes.c_bool)] + tail)
 
-        for name in ("emu_group_norm_fwd_ws", "emu_group_norm_bwd_ws"):
-            fn = getattr(lib, name)
-            fn.restype = ctypes.c_longlong
-            fn.argtypes = [ctypes.c_longlong] * 4 + [ctypes.c_bool, ctypes.c_int, ctypes.c_int]
-        self.lib, self.Fwd, self.Bwd, self.ctypes = lib, Fwd, Bwd, ctypes
-
-    def _call(self, fn, args):
-        err = self.ctypes.create_string_buffer(512)
-        if fn(self.ctypes.byref(args), err, 512):
-            raise RuntimeError(err.value.decode())
+        ws = [ctypes.c_longlong] * 4 + [ctypes.c_bool, ctypes.c_int, ctypes.c_int]
+        self.fwd_ws = lib.function("emu_group_norm_fwd_ws", ctypes.c_longlong, ws)
+        self.bwd_ws = lib.function("emu_group_norm_bwd_ws", ctypes.c_longlong, ws)
+        self.lib, self.Fwd, self.Bwd = lib, Fwd, Bwd
 
     def group_norm_fwd_workspace(self, *args):
-        return self.lib.emu_group_norm_fwd_ws(*args)
+        return self.fwd_ws(*args)
 
     def group_norm_bwd_workspace(self, *args):
-        return self.lib.emu_group_norm_bwd_ws(*args)
+        return self.bwd_ws(*args)
 
     def group_norm_fwd(self, *args):
-        self._call(self.lib.emu_group_norm_fwd, self.Fwd(*args))
+        self.lib.run("group_norm_fwd", self.Fwd(*args))
 
     def group_norm_bwd(self, *args):
-        self._call(self.lib.emu_group_norm_bwd, self.Bwd(*args))
+        self.lib.run("group_norm_bwd", self.Bwd(*args))
 
 
 @pytest.fixture(scope="module")
-def emulated_gn(tmp_path_factory):
-    return _EmulatedGroupNormExt(_build_emulated(tmp_path_factory, "group_norm.cu", EMU_GN_EXPORTS, 3,
+def emulated_gn():
+    return _EmulatedGroupNormExt(_build_emulated("group_norm.cu", EMU_GN_ENTRIES, EMU_GN_EXPORTS,
                                                  [f"-DDLH_TEST_GN_BATCH_BYTES={EMU_GN_BATCH_BYTES}"]))
 
 
@@ -1580,39 +1322,32 @@ def test_gpu_conv2d_against_float64(N, H, W, C, K, R, S, stride, pad, dil, group
                   bias)
 
 
-EMU_CONV_EXPORTS = r"""
-#include <exception>
-extern "C" int emu_conv2d_fwd(const dlh::Conv2dFwdArgs* a, char* err, int n) {
-  try { dlh::conv2d_fwd(*a); } catch (std::exception& e) { snprintf(err, n, "%s", e.what()); return 1; }
-  return 0;
-}
-"""
+class _EmulatedConv2d:
+    """conv2d_fwd(**Conv2dFwdArgs fields) over csrc/conv2d.cu built under the CPU emulation."""
+
+    def __init__(self, lib):
+        import ctypes
+
+        class Args(ctypes.Structure):  # mirrors dlh::Conv2dFwdArgs
+            _fields_ = ([(n, ctypes.c_uint64) for n in "x w bias y".split()]
+                        + [(n, ctypes.c_int64) for n in ("N H W C K R S OH OW stride_h stride_w pad_h pad_w dil_h "
+                                                         "dil_w groups").split()]
+                        + [("activation", ctypes.c_int), ("negative_slope", ctypes.c_float),
+                           ("dtype", ctypes.c_int), ("stream", ctypes.c_uint64)])
+
+        self.lib, self.Args = lib, Args
+
+    def __call__(self, **kw):
+        self.lib.run("conv2d_fwd", self.Args(**kw, stream=0))
 
 
-def _emulated_conv2d_fwd(tmp_path_factory, defines=(), header_extra=""):
-    """conv2d_fwd(**Conv2dFwdArgs fields) over csrc/conv2d.cu built with the CPU emulation."""
-    import ctypes
-
-    lib = _build_emulated(tmp_path_factory, "conv2d.cu", EMU_CONV_EXPORTS, 3, list(defines), header_extra)
-
-    class Args(ctypes.Structure):  # mirrors dlh::Conv2dFwdArgs
-        _fields_ = ([(n, ctypes.c_uint64) for n in "x w bias y".split()]
-                    + [(n, ctypes.c_int64) for n in ("N H W C K R S OH OW stride_h stride_w pad_h pad_w dil_h dil_w "
-                                                     "groups").split()]
-                    + [("activation", ctypes.c_int), ("negative_slope", ctypes.c_float), ("dtype", ctypes.c_int),
-                       ("stream", ctypes.c_uint64)])
-
-    def conv2d_fwd(**kw):
-        err = ctypes.create_string_buffer(512)
-        if lib.emu_conv2d_fwd(ctypes.byref(Args(**kw, stream=0)), err, 512):
-            raise RuntimeError(err.value.decode())
-
-    return conv2d_fwd
+EMU_CONV_ENTRIES = [("conv2d_fwd", "Conv2dFwdArgs")]
 
 
 @pytest.fixture(scope="module")
-def emulated_conv2d(tmp_path_factory):
-    return _emulated_conv2d_fwd(tmp_path_factory, ["-DDLH_TEST_CONV_DIRECT_ONLY", "-DDLH_TEST_CONV_MAX_BLOCKS=3"])
+def emulated_conv2d():
+    return _EmulatedConv2d(_build_emulated("conv2d.cu", EMU_CONV_ENTRIES, defines=["-DDLH_TEST_CONV_DIRECT_ONLY",
+                                                                                 "-DDLH_TEST_CONV_MAX_BLOCKS=3"]))
 
 
 EMULATED_CONV_CASES = [
@@ -1634,11 +1369,11 @@ def test_conv2d_direct_emulated_on_cpu(emulated_conv2d, N, H, W, C, K, R, S, str
 
 
 # The tensor-core implicit GEMM through the emulation of mma.sync / ldmatrix / cp.async
-# (EMU_MMA): both loaders (16-byte cp.async and scalar gather), N-tile and M-tile tails, groups
+# (tests/cuda_emu): both loaders (16-byte cp.async and scalar gather), N-tile and M-tile tails, groups
 # (grid z), several N blocks (grid y).
 @pytest.fixture(scope="module")
-def emulated_conv2d_tc(tmp_path_factory):
-    return _emulated_conv2d_fwd(tmp_path_factory, header_extra=EMU_MMA)
+def emulated_conv2d_tc():
+    return _EmulatedConv2d(_build_emulated("conv2d.cu", EMU_CONV_ENTRIES))
 
 
 EMULATED_CONV_TC_CASES = [
