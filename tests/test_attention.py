@@ -292,6 +292,60 @@ def test_empty(backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# Batch x heads past CUDA's 65,535 limit on grid axes y and z (review 2026-12, T8): it runs over
+# y and z together. The interpreter has no grid limit, so one test checks the grids the glue
+# computes (recorded, not run: 70,000 heads), another lowers the cap to force the fold on a
+# small case and compares with float64 (and the folded keep mask with the unfolded one).
+
+class _GridRecorder:
+    """Stands in for a Triton kernel: kernel[grid](...) records grid and runs nothing."""
+
+    def __init__(self, name, grids):
+        self.name, self.grids = name, grids
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            g = grid(dict(kwargs, **kernels._INTERPRETER_BLOCKS)) if callable(grid) else grid
+            self.grids.append((self.name, tuple(g) + (1,) * (3 - len(g))))
+        return launch
+
+
+_ATTN_KERNELS = ("attn_fwd_kernel", "attn_bwd_preprocess_kernel", "attn_bwd_dkdv_kernel",
+                 "attn_bwd_dq_kernel", "attn_bwd_dmask_kernel", "attn_dropout_mask_kernel")
+
+
+@pytest.mark.parametrize("on_gpu", [False, True], ids=["interpreter_blocks", "gpu_fixed_config"])
+def test_grids_fit_cuda_limits_for_70k_heads(on_gpu, monkeypatch):
+    grids = []
+    for name in _ATTN_KERNELS:
+        monkeypatch.setattr(kernels, name, _GridRecorder(name, grids))
+    monkeypatch.setattr(kernels, "_on_gpu", lambda t: on_gpu)
+    B, H, L, S, D = 70_000, 1, 3, 2, 16  # B * H = 70,000 > 65,535: the shape video models make
+    q, k, v = (torch.zeros(B, H, n, D, device=DEVICE).requires_grad_() for n in (L, S, S))
+    mask = torch.zeros(B, 1, L, S, device=DEVICE, requires_grad=True)
+    DF.scaled_dot_product_attention(q, k, v, mask, dropout_p=0.1, backend="triton").sum().backward()
+    kernels.dropout_keep_mask(torch.zeros(1, dtype=torch.int64, device=DEVICE), B, H, L, S, 0.1)
+    assert {n for n, _ in grids} == set(_ATTN_KERNELS)
+    for name, (x, y, z) in grids:
+        assert x <= 2**31 - 1 and y <= 65535 and z <= 65535, (name, (x, y, z))
+        assert y * z >= B * H > y * (z - 1), (name, (x, y, z))  # every head, < one slice of padding
+
+
+@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
+def test_heads_folded_over_grid_y_and_z(dq_mode, monkeypatch):
+    # cap 4: B * Hq = 10 heads -> (4, 3) with 2 padding programs, B * Hkv = 5 -> (4, 2) with 3,
+    # the mask's 5 (batch, head) slices likewise; dropout keyed by the head index
+    q, k, v = make_qkv(5, 2, 1, 20, 24, 16, 16, torch.float32, seed=8)
+    mask = _mask((5, 1, 20, 24), "float", torch.float32)
+    seed = torch.tensor([99], dtype=torch.int64, device=DEVICE)
+    unfolded = kernels.dropout_keep_mask(seed, 5, 2, 20, 24, 0.2)
+    monkeypatch.setattr(kernels, "GRID_YZ_MAX", 4)
+    monkeypatch.setattr(kernels, "DQ_MODE", dq_mode)
+    assert torch.equal(kernels.dropout_keep_mask(seed, 5, 2, 20, 24, 0.2), unfolded)
+    check_call("triton", q, k, v, mask, dropout_p=0.2, enable_gqa=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Dropout: the Philox stream, its statistics, and gradients given the kernel's own mask.
 
 def test_dropout_keep_mask_statistics():

@@ -96,6 +96,11 @@ DQ_MODE = "separate"
 # autotuned (per kernel, per power-of-two length bucket, head dims, features and dtype).
 AUTOTUNE_MIN_LEN = 256
 
+# CUDA caps grid axes y and z at 65,535 each (x at 2^31 - 1). Batch x heads passes that in real
+# models (video attention folds B * H * W into the batch), so it runs over axes y and z together
+# (_bh_grid, _program_bh); query/key tiles go on axis x. Tests lower this to force the fold.
+GRID_YZ_MAX = 65535
+
 
 # The Triton interpreter (3.9) multiplies bf16 dot operands as their raw 16-bit patterns; under
 # it, bf16 operands are widened to fp32 first, which is the tensor cores' math (exact products,
@@ -121,6 +126,14 @@ def _keep(seed, bh, rows, cols, L, S, dropout_p):
     """Dropout keep decisions for the elements (rows, cols) of head bh (broadcastable 2-D)."""
     index = (bh.to(tl.int64) * L + rows.to(tl.int64)) * S + cols.to(tl.int64)
     return tl.rand(seed, index) >= dropout_p
+
+
+@triton.jit
+def _program_bh():
+    """This program's batch x head index (64-bit): grid axes y and z together, bh = y + z * ny,
+    because CUDA caps each of them at 65,535 (see _bh_grid). Programs past the last head (the
+    padding of the last z slice) must return at once."""
+    return tl.program_id(1) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
 
 
 @triton.jit
@@ -213,7 +226,7 @@ def attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, L, S, GROUP,        # GROUP = Hq // Hkv query heads per K/V head
+    BH, Hq, L, S, GROUP,    # BH = B * Hq; GROUP = Hq // Hkv query heads per K/V head
     qk_scale,               # scale * log2(e)
     dropout_p,
     L_BUCKET, S_BUCKET,     # autotuning keys only
@@ -225,11 +238,12 @@ def attn_fwd_kernel(
 ):
     # causal: the last query blocks see the most keys; start them first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
+    bh = _program_bh()
+    if bh >= BH:
+        return
+    b = bh // Hq
     h = bh % Hq
-    hk = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
+    hk = h // GROUP
     m0 = pid_m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < L
@@ -292,12 +306,14 @@ def attn_bwd_preprocess_kernel(
     Delta,      # (B * Hq, L) fp32 out: rowsum(dO * O)
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    Hq, L,
+    BH, Hq, L,
     HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
+    bh = _program_bh()
+    if bh >= BH:
+        return
+    b = bh // Hq
+    h = bh % Hq
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dv = tl.arange(0, BLOCK_DV)
     mask = (rows < L)[:, None] & (dv < HEAD_DV)[None, :]
@@ -381,7 +397,7 @@ def attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, Hkv, L, S, GROUP,
+    BHkv, Hq, Hkv, L, S, GROUP,     # BHkv = B * Hkv
     qk_scale, sm_scale, dropout_p,
     L_BUCKET, S_BUCKET,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
@@ -391,9 +407,11 @@ def attn_bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = (bhk // Hkv).to(tl.int64)
-    hk = (bhk % Hkv).to(tl.int64)
+    bhk = _program_bh()
+    if bhk >= BHkv:
+        return
+    b = bhk // Hkv
+    hk = bhk % Hkv
     n0 = pid_n * BLOCK_N
     keys = n0 + tl.arange(0, BLOCK_N)
     key_ok = keys < S
@@ -497,7 +515,7 @@ def attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, L, S, GROUP,
+    BH, Hq, L, S, GROUP,
     qk_scale, sm_scale, dropout_p,
     L_BUCKET, S_BUCKET,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
@@ -506,11 +524,12 @@ def attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
+    bh = _program_bh()
+    if bh >= BH:
+        return
+    b = bh // Hq
     h = bh % Hq
-    hk = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
+    hk = h // GROUP
     m0 = pid_m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < L
@@ -572,11 +591,22 @@ def attn_bwd_dmask_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dS summed over what the mask broadcasts along. Grid (key tiles, query tiles, mB * mH);
-    a broadcast L or S gets one program along that axis, which loops over every block."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    """dS summed over what the mask broadcasts along. Grid (query tiles x key tiles, mB * mH
+    over axes y and z, see _program_bh); a broadcast L or S gets one tile along its axis, whose
+    program loops over every block. Tiles along x, key tiles fastest: axis y would cap mL."""
+    if BCAST_S:
+        key_tiles = 1
+    else:
+        key_tiles = tl.cdiv(mS, BLOCK_N)
+    pid_n = tl.program_id(0) % key_tiles
+    pid_m = tl.program_id(0) // key_tiles
+    pid_bh = _program_bh()
+    if BCAST_B:
+        if pid_bh >= mH:
+            return
+    else:
+        if pid_bh >= B * mH:
+            return
     mb = pid_bh // mH
     mh = pid_bh % mH
     if BCAST_B:
@@ -662,13 +692,17 @@ def attn_bwd_dmask_kernel(
 def attn_dropout_mask_kernel(
     Seed,       # (1,) int64
     Keep,       # (B * Hq, L, S) bool out
-    L, S, dropout_p,
+    BH, L, S, dropout_p,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """The keep mask the attention kernels draw for (seed, dropout_p): for tests and debugging."""
-    bh = tl.program_id(2)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """The keep mask the attention kernels draw for (seed, dropout_p): for tests and debugging.
+    Grid (row tiles x column tiles, BH over axes y and z)."""
+    bh = _program_bh()
+    if bh >= BH:
+        return
+    col_tiles = tl.cdiv(S, BLOCK_N)
+    rows = (tl.program_id(0) // col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tl.program_id(0) % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _keep(tl.load(Seed), bh, rows[:, None], cols[None, :], L, S, dropout_p)
     index = (bh.to(tl.int64) * L + rows.to(tl.int64)[:, None]) * S + cols[None, :]
     tl.store(Keep + index, keep, mask=(rows < L)[:, None] & (cols < S)[None, :])
@@ -780,6 +814,14 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
+def _bh_grid(nx: int, bh: int) -> tuple:
+    """Launch grid for nx programs along x times bh (batch x head) programs: bh = y + z * ny,
+    neither axis past GRID_YZ_MAX; the last z slice is padded (those programs return at once)."""
+    if bh <= GRID_YZ_MAX:
+        return (nx, bh, 1)
+    return (nx, GRID_YZ_MAX, -(-bh // GRID_YZ_MAX))
+
+
 def _launch(kernel: str, fn, grid, args: tuple, meta: dict, ref: torch.Tensor, L: int, S: int,
             block_d: int) -> None:
     """fn[grid](*args, **meta) with the block sizes picked here; grid(BLOCK_M, BLOCK_N)."""
@@ -842,11 +884,11 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     dropout = dropout_p > 0.0
     args = (q, k, v, mask, seed if dropout else None, out, lse,
             *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(mask), *out.stride(),
-            Hq, L, S, group, scale * LOG2E, dropout_p, _bucket(L), _bucket(S))
+            B * Hq, Hq, L, S, group, scale * LOG2E, dropout_p, _bucket(L), _bucket(S))
     meta = dict(HEAD_D=D, HEAD_DV=Dv, IS_CAUSAL=is_causal, MASK_KIND=_mask_kind(mask),
                 DROPOUT=dropout, BLOCK_D=block_d, BLOCK_DV=block_dv,
                 DOT_PRECISION=_dot_precision(q.dtype))
-    _launch("fwd", attn_fwd_kernel, lambda bm, bn: (triton.cdiv(L, bm), B * Hq), args, meta, q,
+    _launch("fwd", attn_fwd_kernel, lambda bm, bn: _bh_grid(-(-L // bm), B * Hq), args, meta, q,
             L, S, max(block_d, block_dv))
 
 
@@ -872,27 +914,27 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     delta = empty((B * Hq, L), torch.float32, q.device)
     if B * Hq * L > 0:
         rows = 64 if _on_gpu(q) else _INTERPRETER_BLOCKS["BLOCK_M"]
-        attn_bwd_preprocess_kernel[(triton.cdiv(L, rows), B * Hq)](
-            out, do, delta, *out.stride(), *_strides4(do), Hq, L,
+        attn_bwd_preprocess_kernel[_bh_grid(-(-L // rows), B * Hq)](
+            out, do, delta, *out.stride(), *_strides4(do), B * Hq, Hq, L,
             HEAD_DV=Dv, BLOCK_M=rows, BLOCK_DV=block_dv)
 
     atomic = DQ_MODE == "atomic" and not deterministic
     dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if atomic else None
     common = dict(HEAD_D=D, HEAD_DV=Dv, IS_CAUSAL=is_causal, MASK_KIND=kind, DROPOUT=dropout,
                   BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=precision)
-    _launch("dkdv_atomic" if atomic else "dkdv", attn_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(S, bn), B * Hkv),
+    _launch("dkdv_atomic" if atomic else "dkdv", attn_bwd_dkdv_kernel, lambda bm, bn: _bh_grid(-(-S // bn), B * Hkv),
             (q, k, v, mask, seed, do, lse, delta, dk, dv, dq_acc,
              *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(mask), *_strides4(do),
              *dk.stride(), *dv.stride(), *(dq_acc.stride() if atomic else (0, 0, 0, 0)),
-             Hq, Hkv, L, S, group, qk_scale, scale, dropout_p, *buckets),
+             B * Hkv, Hq, Hkv, L, S, group, qk_scale, scale, dropout_p, *buckets),
             dict(common, ATOMIC_DQ=atomic), q, L, S, block_big)
     if atomic:
         dq.copy_(dq_acc)
     else:
-        _launch("dq", attn_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(L, bm), B * Hq),
+        _launch("dq", attn_bwd_dq_kernel, lambda bm, bn: _bh_grid(-(-L // bm), B * Hq),
                 (q, k, v, mask, seed, do, lse, delta, dq,
                  *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(mask), *_strides4(do),
-                 *dq.stride(), Hq, L, S, group, qk_scale, scale, dropout_p, *buckets),
+                 *dq.stride(), B * Hq, Hq, L, S, group, qk_scale, scale, dropout_p, *buckets),
                 common, q, L, S, block_big)
 
     if dmask is not None:
@@ -900,8 +942,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         bcast = dict(BCAST_B=mB == 1 and B != 1, BCAST_H=mH == 1 and Hq != 1,
                      BCAST_L=mL == 1 and L != 1, BCAST_S=mS == 1 and S != 1)
         _launch("dmask", attn_bwd_dmask_kernel,
-                lambda bm, bn: (1 if bcast["BCAST_S"] else triton.cdiv(mS, bn),
-                                1 if bcast["BCAST_L"] else triton.cdiv(mL, bm), mB * mH),
+                lambda bm, bn: _bh_grid((1 if bcast["BCAST_S"] else -(-mS // bn))
+                                        * (1 if bcast["BCAST_L"] else -(-mL // bm)), mB * mH),
                 (q, k, v, mask, seed, do, lse, delta, dmask,
                  *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(mask), *_strides4(do),
                  B, Hq, L, S, group, mH, mL, mS, qk_scale, dropout_p, *buckets),
@@ -914,6 +956,6 @@ def dropout_keep_mask(seed: torch.Tensor, B: int, H: int, L: int, S: int, dropou
     keep = torch.empty((B * H, L, S), dtype=torch.bool, device=seed.device)
     if keep.numel():
         blocks = 64
-        attn_dropout_mask_kernel[(triton.cdiv(L, blocks), triton.cdiv(S, blocks), B * H)](
-            seed, keep, L, S, dropout_p, BLOCK_M=blocks, BLOCK_N=blocks)
+        attn_dropout_mask_kernel[_bh_grid(-(-L // blocks) * -(-S // blocks), B * H)](
+            seed, keep, B * H, L, S, dropout_p, BLOCK_M=blocks, BLOCK_N=blocks)
     return keep.view(B, H, L, S)
