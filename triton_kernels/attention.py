@@ -725,15 +725,18 @@ def _on_gpu(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 
 
-def _small_config(block_d: int) -> dict:
+def _small_config(block_d: int, elem_size: int = 2) -> dict:
     """The fixed GPU configuration for problems too small to be worth tuning. One config serves
     the forward, dK/dV and dQ kernels, so the tile is the one none of them spills with
     (launch-exact compiles, bench/results/triton_resources_*.md): 64 x 64 spilled in dK/dV
     and dQ at head dim 64 (K, V and their fp32 gradients held per key row), 32 x 32 spilled
-    up to 744 B in the fp32 dQ at head dim 256; 64 x 32 and, at 256, 16 x 32 do not (fp32
-    dK/dV at 256 still does: a documented exception of tests/test_triton_compile.py)."""
+    up to 744 B in the fp32 dQ at head dim 256, 64 x 32 spilled 48-160 B in the fp32 (4-byte
+    elem_size) forward and dQ at 128; the tiles below do not, but for the documented exceptions
+    of tests/test_triton_compile.py (fp32 dK/dV at 256)."""
     if block_d > 128:
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+    if block_d > 64 and elem_size > 2:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
@@ -833,7 +836,7 @@ def _launch(kernel: str, fn, grid, args: tuple, meta: dict, ref: torch.Tensor, L
         _tuned(kernel)[lambda m: grid(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
         return
     else:
-        config = _small_config(block_d)
+        config = _small_config(block_d, ref.element_size())
     fn[grid(config["BLOCK_M"], config["BLOCK_N"])](*args, **meta, **config)
 
 
