@@ -145,6 +145,47 @@ def test_depthwise_fp16(backend):
     check_conv(backend, (2, 8, 6, 6, 8, 3, 3, 1, 1, 1, 8), torch.float16, "leaky_relu", "channels_last")
 
 
+def test_weight_grad_split_over_pixels(monkeypatch):
+    # dw summed in pixel splits (fp32 partials: 3 asked, 2 of 512 pixels cover the 800), with 2
+    # groups and 9 taps: the flat dw grid decodes (tile, split, tap, group) from one index
+    from dlh_kernels.triton_kernels import conv2d as kernels
+    monkeypatch.setattr(kernels, "INTERPRETER_DW_SPLITS", 3)
+    check_conv("triton", (2, 4, 20, 20, 6, 3, 3, 1, 1, 1, 2), torch.float32, None, "contiguous")
+
+
+class _GridRecorder:
+    """Stands in for a Triton kernel: kernel[grid](...) records the grid and runs nothing."""
+
+    def __init__(self, name, grids):
+        self.name, self.grids = name, grids
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.grids.append((self.name, tuple(grid) + (1,) * (3 - len(grid))))
+        return launch
+
+
+@pytest.mark.parametrize("case", ["depthwise_70k", "taps_256x256"])
+def test_grids_fit_cuda_limits(case, monkeypatch):
+    # CUDA caps grid axes y and z at 65,535: groups (one per channel in a depthwise conv) and
+    # R * S must not land there. The interpreter has no limit: record the grids, run nothing.
+    from dlh_kernels.triton_kernels import conv2d as kernels
+    grids = []
+    names = ("conv2d_fwd_kernel", "conv2d_bwd_input_kernel", "conv2d_bwd_weight_kernel")
+    for name in names:
+        monkeypatch.setattr(kernels, name, _GridRecorder(name, grids))
+    if case == "depthwise_70k":
+        C, HW, groups, RS = 70_000, 2, 70_000, 1
+    else:
+        C, HW, groups, RS = 1, 256, 1, 256
+    x = torch.zeros(1, C, HW, HW, device=DEVICE, requires_grad=True)
+    w = torch.zeros(C, C // groups, RS, RS, device=DEVICE, requires_grad=True)
+    DF.conv2d(x, w, groups=groups, activation="relu", backend="triton").sum().backward()
+    assert {n for n, _ in grids} == set(names)
+    for name, (gx, gy, gz) in grids:
+        assert gx <= 2**31 - 1 and gy <= 65535 and gz <= 65535, (name, (gx, gy, gz))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unbatched_and_empty(backend):
     x = torch.randn(3, 6, 6, device=DEVICE)

@@ -108,9 +108,14 @@ def conv2d_fwd_kernel(
     INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    g = tl.program_id(1).to(tl.int64)
+    # grid (tiles x groups,): groups along x, not y, which CUDA caps at 65,535 (depthwise convs
+    # have one group per channel)
     M = N * OH * OW
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(KG, BLOCK_N), GROUP_M)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(KG, BLOCK_N)
+    pid = tl.program_id(0)
+    g = (pid // (tiles_m * tiles_n)).to(tl.int64)
+    pid_m, pid_n = grouped_tile(pid % (tiles_m * tiles_n), tiles_m, tiles_n, GROUP_M)
 
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -170,10 +175,12 @@ def conv2d_bwd_input_kernel(
     INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # grid (tiles x groups,), groups slowest (axis y would cap them at 65,535)
     tiles_n = tl.cdiv(CG, BLOCK_N)
-    pid = tl.program_id(0)
-    g = tl.program_id(1).to(tl.int64)
     M = N * H * W
+    tiles = tl.cdiv(M, BLOCK_M) * tiles_n
+    g = (tl.program_id(0) // tiles).to(tl.int64)
+    pid = tl.program_id(0) % tiles
     rows = (pid // tiles_n).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (pid % tiles_n).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -226,14 +233,19 @@ def conv2d_bwd_weight_kernel(
     INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # program (k tile, c tile, split), tap rs, group g: dw[k, c, r, s] over its pixel range
+    # program (k tile, c tile, split, tap rs, group g), fastest first, all along grid axis x
+    # (R * S and groups can each pass the 65,535 that CUDA allows on axes y and z):
+    # dw[k, c, r, s] over its pixel range
     tiles_n = tl.cdiv(CG, BLOCK_N)
     tiles_m = tl.cdiv(KG, BLOCK_M)
+    splits = tl.cdiv(N * OH * OW, pix_per_split)
     pid = tl.program_id(0)
     tile = pid % (tiles_m * tiles_n)
-    split = (pid // (tiles_m * tiles_n)).to(tl.int64)
-    rs = tl.program_id(1)
-    g = tl.program_id(2).to(tl.int64)
+    pid = pid // (tiles_m * tiles_n)
+    split = (pid % splits).to(tl.int64)
+    pid = pid // splits
+    rs = pid % (R * S)
+    g = (pid // (R * S)).to(tl.int64)
     r = rs // S
     s = rs % S
     ks = (tile // tiles_n).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -300,6 +312,9 @@ def _block_n(n: int, cap: int = 128) -> int:
 
 # Under the interpreter every tl op costs ~0.3 ms whatever its size: tall tiles, few iterations.
 INTERPRETER_CONFIG = {"BLOCK_M": 512, "BLOCK_N": 32, "GROUP_M": 4}
+# dw's pixel splits under the interpreter (the GPU picks enough to fill its SMs); tests raise it
+# to reach the split partials on CPU.
+INTERPRETER_DW_SPLITS = 1
 
 
 def _fwd_configs():
@@ -350,12 +365,12 @@ def conv2d_fwd(x, w, bias, y, stride, pad, dilation, groups, act: int, negative_
                  BLOCK_K=16 if _interpreting() else _block_k(CG))
     if not _autotuned():
         c = INTERPRETER_CONFIG
-        grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(KG, c["BLOCK_N"]), groups)
+        grid = (-(-M // c["BLOCK_M"]) * -(-KG // c["BLOCK_N"]) * groups,)
         conv2d_fwd_kernel[grid](*args, **flags, **c)
         return
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(KG, meta["BLOCK_N"]), groups)
+        return (-(-M // meta["BLOCK_M"]) * -(-KG // meta["BLOCK_N"]) * groups,)
     _tuned_fwd()[grid](*args, **flags)
 
 
@@ -375,7 +390,7 @@ def conv2d_bwd_input(dz, w, dx, stride, pad, dilation, groups) -> None:
         bm, bn, bk, warps, stages = 512, 16, 16, 4, 1
     else:
         bm, bn, bk, warps, stages = 128, _block_n(CG, 64), _block_k(KG), 4, 3
-    grid = (triton.cdiv(M, bm) * triton.cdiv(CG, bn), groups)
+    grid = (-(-M // bm) * -(-CG // bn) * groups,)
     conv2d_bwd_input_kernel[grid](
         dz, w, dx, N, H, W, OH, OW, CG, KG, R, S, *dz.stride(), *w.stride(), *dx.stride(),
         stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
@@ -401,7 +416,7 @@ def conv2d_bwd_weight(dz, x, w_shape, stride, pad, dilation, groups, dtype) -> t
     tiles = triton.cdiv(KG, bm) * triton.cdiv(CG, bn) * R * S * groups
     chunks = triton.cdiv(P, bk)
     if _interpreting():
-        splits = 1
+        splits = INTERPRETER_DW_SPLITS
     else:  # enough programs to fill the GPU, each summing at least 8 pixel chunks
         from dlh_kernels._ext import sm_count
         want = 2 * sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
@@ -414,7 +429,7 @@ def conv2d_bwd_weight(dz, x, w_shape, stride, pad, dilation, groups, dtype) -> t
     else:
         part = empty((splits,) + tuple(w_shape), torch.float32, x.device)
         out = None
-    grid = (triton.cdiv(KG, bm) * triton.cdiv(CG, bn) * splits, R * S, groups)
+    grid = (-(-KG // bm) * -(-CG // bn) * splits * R * S * groups,)
     conv2d_bwd_weight_kernel[grid](
         dz, x, part, N, H, W, OH, OW, CG, KG, R, S, *dz.stride(), *x.stride(),
         CG * R * S, R * S, S, 1, stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
