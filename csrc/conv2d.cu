@@ -61,6 +61,7 @@
 //       Still never run on a GPU.
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <type_traits>
 
@@ -116,6 +117,7 @@ struct ConvParams {
   int groups, Cg, Kg, Kgemm;
   int act;
   float slope;
+  int g0, nt0;       // tensor-core launches: first group and first channel tile of this launch
 };
 
 
@@ -127,9 +129,11 @@ __global__ void __launch_bounds__(kTcThreads) conv2d_igemm_kernel(const ConvPara
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 1, wn = warp & 1;
-  const int g = blockIdx.z;
+  // gridDim.y/z are capped at 65,535: launch_tc covers more channel tiles or groups in several
+  // launches, each starting at (nt0, g0)
+  const int g = p.g0 + static_cast<int>(blockIdx.z);
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int n0 = blockIdx.y * kBN;
+  const int n0 = (p.nt0 + static_cast<int>(blockIdx.y)) * kBN;
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ w = static_cast<const T*>(p.w);
 
@@ -338,18 +342,43 @@ void check_dim(const char* fn, const char* name, int64_t v, int64_t lo) {
             std::string(name) + " must be in [" + std::to_string(lo) + ", 2^31), got " + std::to_string(v));
 }
 
+// mma.sync m16n8k16 and ldmatrix need sm_80; built for less, mma.cuh's guards compile them to
+// nothing (silently wrong results), so older devices take the CUDA-core kernel. Asked once per
+// device (a cudaGetDevice per call, no attribute query).
+bool device_has_mma(const char* fn) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> major_of[kDevices];  // 0: not asked yet
+  int dev = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  const bool cacheable = err == cudaSuccess && dev >= 0 && dev < kDevices;
+  if (cacheable && (major = major_of[dev].load(std::memory_order_relaxed)) > 0) return major >= 8;
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess) throw std::runtime_error(std::string("dlh::") + fn + ": " + cudaGetErrorString(err));
+  if (cacheable) major_of[dev].store(major, std::memory_order_relaxed);
+  return major >= 8;
+}
+
 template <typename T>
-void launch_tc(const ConvParams& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.M, kBM)), static_cast<unsigned>(ceil_div(p.Kg, kBN)),
-                  static_cast<unsigned>(p.groups));
+void launch_tc(ConvParams p, cudaStream_t stream) {
   const bool vec = p.Cg % 8 == 0 && aligned16(reinterpret_cast<std::uintptr_t>(p.x)) &&
                    aligned16(reinterpret_cast<std::uintptr_t>(p.w));
-  if (vec) {
-    conv2d_igemm_kernel<T, true><<<grid, dim3(kTcThreads), 0, stream>>>(p);
-  } else {
-    conv2d_igemm_kernel<T, false><<<grid, dim3(kTcThreads), 0, stream>>>(p);
+  // one launch unless the channel tiles or the groups pass gridDim.y/z's 65,535
+  const int64_t n_tiles = ceil_div(p.Kg, kBN);
+  for (int64_t g0 = 0; g0 < p.groups; g0 += kMaxGridYZ) {
+    for (int64_t nt0 = 0; nt0 < n_tiles; nt0 += kMaxGridYZ) {
+      p.g0 = static_cast<int>(g0);
+      p.nt0 = static_cast<int>(nt0);
+      const dim3 grid(static_cast<unsigned>(ceil_div(p.M, kBM)),
+                      static_cast<unsigned>(std::min<int64_t>(n_tiles - nt0, kMaxGridYZ)),
+                      static_cast<unsigned>(std::min<int64_t>(p.groups - g0, kMaxGridYZ)));
+      if (vec) {
+        conv2d_igemm_kernel<T, true><<<grid, dim3(kTcThreads), 0, stream>>>(p);
+      } else {
+        conv2d_igemm_kernel<T, false><<<grid, dim3(kTcThreads), 0, stream>>>(p);
+      }
+      check_launch("conv2d_igemm_kernel");
+    }
   }
-  check_launch("conv2d_igemm_kernel");
 }
 
 template <typename T>
@@ -436,11 +465,13 @@ void conv2d_fwd(const Conv2dFwdArgs& a) {
   p.slope = a.negative_slope;
 
   const cudaStream_t stream = as_stream(a.stream);
-  bool tensor_cores = a.dtype != kFloat32 && Kg >= kMinKgForTc && a.groups <= kMaxGridYZ &&
-                      ceil_div(p.M, kBM) <= INT_MAX;
+  p.g0 = 0;
+  p.nt0 = 0;
+  bool tensor_cores = a.dtype != kFloat32 && Kg >= kMinKgForTc && ceil_div(p.M, kBM) <= INT_MAX;
 #ifdef DLH_TEST_CONV_DIRECT_ONLY
   tensor_cores = false;  // the CPU emulation cannot run mma.sync
 #endif
+  if (tensor_cores) tensor_cores = device_has_mma(fn);
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if constexpr (std::is_same_v<T, float>) {
