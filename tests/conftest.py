@@ -97,3 +97,30 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, eager: torch.Tensor, dtyp
     err, base = scaled_error(out, ref), scaled_error(eager, ref)
     bound = FACTOR * base + FLOOR[dtype]
     assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g} (eager {dtype} error {base:.3g})"
+
+
+def record_grids(monkeypatch, module, names) -> list:
+    """Replace the Triton kernels `names` of `module` by stand-ins that record each launch's
+    grid, padded to 3 axes, as (name, (x, y, z)), and run nothing: the interpreter has no grid
+    limit, so tests of CUDA's (x < 2^31, y and z <= 65,535) check the grids the glue computes
+    for shapes too big to interpret."""
+    grids = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                grids.append((self.name, tuple(grid) + (1,) * (3 - len(grid))))
+            return launch
+
+    for name in names:
+        monkeypatch.setattr(module, name, Recorder(name))
+    return grids
+
+
+def assert_grids_fit(grids, names) -> None:
+    assert {n for n, _ in grids} == set(names), f"launched {sorted({n for n, _ in grids})}"
+    for name, (x, y, z) in grids:
+        assert x <= 2**31 - 1 and y <= 65535 and z <= 65535, f"{name}: grid {(x, y, z)}"

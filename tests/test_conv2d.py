@@ -15,7 +15,7 @@ import dlh_kernels as dlh
 import dlh_kernels.functional as DF
 from dlh_kernels.ops import conv2d as convs
 
-from conftest import DEVICE, DTYPES, assert_close, backend_param
+from conftest import DEVICE, DTYPES, assert_close, assert_grids_fit, backend_param, record_grids
 
 BACKENDS = [backend_param(b) for b in ("torch", "triton", "cuda")]
 KERNEL_BACKENDS = [backend_param(b) for b in ("triton", "cuda")]
@@ -153,27 +153,13 @@ def test_weight_grad_split_over_pixels(monkeypatch):
     check_conv("triton", (2, 4, 20, 20, 6, 3, 3, 1, 1, 1, 2), torch.float32, None, "contiguous")
 
 
-class _GridRecorder:
-    """Stands in for a Triton kernel: kernel[grid](...) records the grid and runs nothing."""
-
-    def __init__(self, name, grids):
-        self.name, self.grids = name, grids
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.grids.append((self.name, tuple(grid) + (1,) * (3 - len(grid))))
-        return launch
-
-
 @pytest.mark.parametrize("case", ["depthwise_70k", "taps_256x256"])
 def test_grids_fit_cuda_limits(case, monkeypatch):
     # CUDA caps grid axes y and z at 65,535: groups (one per channel in a depthwise conv) and
     # R * S must not land there. The interpreter has no limit: record the grids, run nothing.
     from dlh_kernels.triton_kernels import conv2d as kernels
-    grids = []
     names = ("conv2d_fwd_kernel", "conv2d_bwd_input_kernel", "conv2d_bwd_weight_kernel")
-    for name in names:
-        monkeypatch.setattr(kernels, name, _GridRecorder(name, grids))
+    grids = record_grids(monkeypatch, kernels, names)
     if case == "depthwise_70k":
         C, HW, groups, RS = 70_000, 2, 70_000, 1
     else:
@@ -181,9 +167,7 @@ def test_grids_fit_cuda_limits(case, monkeypatch):
     x = torch.zeros(1, C, HW, HW, device=DEVICE, requires_grad=True)
     w = torch.zeros(C, C // groups, RS, RS, device=DEVICE, requires_grad=True)
     DF.conv2d(x, w, groups=groups, activation="relu", backend="triton").sum().backward()
-    assert {n for n, _ in grids} == set(names)
-    for name, (gx, gy, gz) in grids:
-        assert gx <= 2**31 - 1 and gy <= 65535 and gz <= 65535, (name, (gx, gy, gz))
+    assert_grids_fit(grids, names)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -373,3 +373,16 @@ def test_gpu_64bit_offsets(backend):
     assert (y[-1, -1].double() - expected).abs().max().item() < 3e-2
     del x, y
     torch.cuda.empty_cache()
+
+
+def test_split_grids_fit_cuda_limits(monkeypatch, tiny_split_limits):
+    # 70,000 one-channel blocks in one group: the split path's chunks (and batch x groups) must
+    # not land on grid axis y, which CUDA caps at 65,535. Grids recorded, nothing run.
+    from conftest import assert_grids_fit, record_grids
+    names = ("group_norm_fwd_partial_kernel", "group_norm_fwd_apply_kernel",
+             "group_norm_bwd_partial_kernel", "group_norm_bwd_apply_kernel")
+    grids = record_grids(monkeypatch, triton_gn, names)
+    x = torch.zeros(1, 70_000, 4, 4, device=DEVICE, requires_grad=True)
+    w = torch.ones(70_000, device=DEVICE, requires_grad=True)
+    DF.group_norm(x, 1, w, backend="triton").sum().backward()
+    assert_grids_fit(grids, names)

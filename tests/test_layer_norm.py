@@ -323,3 +323,17 @@ def test_gpu_64bit_offsets(backend):
     assert (y[-2:].double() - expected).abs().max().item() < 3e-2
     del x, y
     torch.cuda.empty_cache()
+
+
+def test_split_grids_fit_cuda_limits(monkeypatch, tiny_split_limits):
+    # one row of 70,000 split tiles: the backward's column tiles must not land on grid axis y,
+    # which CUDA caps at 65,535 (rows of 2^28+ elements at the real tile). Recorded, not run.
+    from conftest import assert_grids_fit, record_grids
+    names = ("norm_fwd_partial_kernel", "norm_fwd_apply_kernel", "norm_bwd_partial_kernel",
+             "norm_bwd_kernel")
+    grids = record_grids(monkeypatch, triton_norms, names)
+    N = 16 * 70_000
+    x = torch.zeros(1, N, device=DEVICE, requires_grad=True)
+    w = torch.ones(N, device=DEVICE, requires_grad=True)
+    DF.layer_norm(x, (N,), w, backend="triton").sum().backward()
+    assert_grids_fit(grids, names)

@@ -121,6 +121,17 @@ def group_norm_fwd_kernel(
 
 
 @triton.jit
+def _row_chunk(CG, s_chunks, BLOCK_C: tl.constexpr):
+    """(row, chunk, n_chunks) of a split-path program. The grid is one flat axis over
+    row * n_chunks + chunk: a group with many channel blocks has more than the 65,535 chunks that
+    CUDA allows on axis y, and batch x groups can pass it too."""
+    n_chunks = tl.cdiv(CG, BLOCK_C) * s_chunks
+    pid = tl.program_id(0)
+    row = pid // n_chunks
+    return row, pid - row * n_chunks, n_chunks
+
+
+@triton.jit
 def group_norm_fwd_partial_kernel(
     X,          # input, (N, C, S), strides (stride_xn, stride_xc, stride_xs)
     Partial,    # (groups, n_chunks, 3) fp32 out: per chunk (count, mean, M2)
@@ -130,12 +141,11 @@ def group_norm_fwd_partial_kernel(
 ):
     """Split forward, pass 1: the statistics of one chunk of one group.
 
-    Grid (groups, c_blocks * s_chunks): chunk = (channel block, spatial range of CHUNK_S).
+    Grid (groups * c_blocks * s_chunks,): chunk = (channel block, spatial range of CHUNK_S).
     """
-    row = tl.program_id(0)
+    row, chunk, n_chunks = _row_chunk(CG, s_chunks, BLOCK_C)
     n = row // G
     g = row - n * G
-    chunk = tl.program_id(1)
     cb = chunk // s_chunks
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < CG
@@ -166,7 +176,7 @@ def group_norm_fwd_partial_kernel(
         mean += delta * (tile_count / total)
         m2 += tile_m2 + delta * delta * (count * tile_count / total)
         count = total
-    out = Partial + (row.to(tl.int64) * tl.num_programs(1) + chunk) * 3
+    out = Partial + (row.to(tl.int64) * n_chunks + chunk) * 3
     tl.store(out, count)
     tl.store(out + 1, mean)
     tl.store(out + 2, m2)
@@ -182,11 +192,9 @@ def group_norm_fwd_apply_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, CHUNKS_P2: tl.constexpr,
 ):
     """Split forward, pass 2: combine the group's chunk statistics, normalise one chunk."""
-    row = tl.program_id(0)
+    row, chunk, n_chunks = _row_chunk(CG, s_chunks, BLOCK_C)
     n = row // G
     g = row - n * G
-    chunk = tl.program_id(1)
-    n_chunks = tl.num_programs(1)
     idx = tl.arange(0, CHUNKS_P2)
     idx_ok = idx < n_chunks
     part = Partial + (row.to(tl.int64) * n_chunks + idx) * 3
@@ -305,10 +313,9 @@ def group_norm_bwd_partial_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Split backward, pass 1: the group sums dx needs, and the dw/db sums, per chunk."""
-    row = tl.program_id(0)
+    row, chunk, n_chunks = _row_chunk(CG, s_chunks, BLOCK_C)
     n = row // G
     g = row - n * G
-    chunk = tl.program_id(1)
     cb = chunk // s_chunks
     sc = chunk - cb * s_chunks
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -354,7 +361,7 @@ def group_norm_bwd_partial_kernel(
             dw_acc += tl.sum(dz * xhat, axis=1)
         if COMPUTE_DB:
             db_acc += tl.sum(dz, axis=1)
-    out = Partial + (row.to(tl.int64) * tl.num_programs(1) + chunk) * 2
+    out = Partial + (row.to(tl.int64) * n_chunks + chunk) * 2
     tl.store(out, sum_gx)
     tl.store(out + 1, sum_g)
     if COMPUTE_DW:
@@ -374,11 +381,9 @@ def group_norm_bwd_apply_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, CHUNKS_P2: tl.constexpr,
 ):
     """Split backward, pass 2: dx of one chunk, from the group sums of all its chunks."""
-    row = tl.program_id(0)
+    row, chunk, n_chunks = _row_chunk(CG, s_chunks, BLOCK_C)
     n = row // G
     g = row - n * G
-    chunk = tl.program_id(1)
-    n_chunks = tl.num_programs(1)
     idx = tl.arange(0, CHUNKS_P2)
     idx_ok = idx < n_chunks
     part = Partial + (row.to(tl.int64) * n_chunks + idx) * 2
@@ -528,7 +533,7 @@ def group_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     for n0 in range(0, N, plan.batch):
         n1 = min(N, n0 + plan.batch)
         xb, yb = x[n0:n1], y[n0:n1]
-        grid = ((n1 - n0) * G, n_chunks)
+        grid = ((n1 - n0) * G * n_chunks,)
         group_norm_fwd_partial_kernel[grid](
             xb, partial, *_strides(xb), G, CG, S, plan.chunk_s, plan.s_chunks,
             INT64=int64, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
@@ -571,7 +576,7 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
             n1 = min(N, n0 + plan.batch)
             dyb, xb, dxb = dy[n0:n1], x[n0:n1], dx[n0:n1]
             stats = (mean[n0 * G:n1 * G], rstd[n0 * G:n1 * G])
-            grid = ((n1 - n0) * G, n_chunks)
+            grid = ((n1 - n0) * G * n_chunks,)
             group_norm_bwd_partial_kernel[grid](
                 dyb, xb, weight, bias, *stats, partial,
                 None if dw_part is None else dw_part[n0:n1], None if db_part is None else db_part[n0:n1],

@@ -257,11 +257,12 @@ def norm_bwd_kernel(
 ):
     """dx for a (row group, column tile), and that tile's dw/db partial sums.
 
-    Grid (G, column tiles). Fused path: one column tile holding whole rows, the row sums
-    computed here. Split path: the row sums come from Partial.
+    Grid (column tiles, G): G (at most a few programs per SM) on axis y; the column tiles of a
+    wide row (N / 4096 of them) on x, as CUDA caps axis y at 65,535. Fused path: one column tile
+    holding whole rows, the row sums computed here. Split path: the row sums come from Partial.
     """
-    group = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    group = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w = tl.full([BLOCK_N], 1.0, tl.float32)
     if HAS_W:
@@ -422,7 +423,7 @@ def norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Tensor],
             dy.stride(0), h.stride(0),
             N, plan.chunk, plan.n_chunks,
             RMS=rms, HAS_W=weight is not None, BLOCK_N=plan.block_n, num_warps=plan.num_warps)
-    norm_bwd_kernel[(plan.groups, triton.cdiv(N, plan.block_n))](
+    norm_bwd_kernel[(-(-N // plan.block_n), plan.groups)](
         dy, h, weight, mean, rstd, dh, dx, dw_part, db_part, partial,
         dy.stride(0), h.stride(0), dh.stride(0) if dh is not None else 0, dx.stride(0),
         M, N, plan.rows_per_group, plan.n_chunks,
