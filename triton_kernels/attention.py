@@ -65,6 +65,10 @@ Versions:
   gradient kernel, Philox dropout, autotuned block sizes on GPU for problems of 256+ rows.
   Checked under the Triton interpreter (3.9 and 3.6) on CPU against float64, compiled for
   sm_80/sm_90 with both; not yet run or timed on a GPU.
+- v1.1: batch x heads over grid axes y and z (bh = y + z * ny; CUDA caps each at 65,535),
+  dmask and keep-mask tiles on axis x; the atomic-dQ reset hook in a dK/dV autotuner of its
+  own (the separate mode's DQ=None crashed Triton 3.6's hook in every tuned backward). The
+  tuned path is exercised on CPU by tests/test_autotune.py (stub benchmarker).
 """
 from __future__ import annotations
 

@@ -41,6 +41,9 @@ Versions:
   the interpreter; dx without the stride-phase decomposition (strided convs waste
   (1 - 1/(sh*sw)) of the dx taps on masks); dw split over pixels into fp32 partials. Checked under
   the interpreter and compiled for sm_80/sm_90; not yet run or timed on a GPU.
+- v1.1: groups (and dw's taps) folded into grid axis x: depthwise convs with more than 65,535
+  channels and R * S > 65,535 launch (CUDA caps axes y and z at 65,535). Autotuned path
+  exercised on CPU by tests/test_autotune.py.
 """
 from __future__ import annotations
 

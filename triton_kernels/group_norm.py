@@ -43,6 +43,8 @@ Versions:
 - v1 (this one): fused + split paths, strided (N, C, S) tiles, heuristic launch parameters
   cached per shape. Checked under the Triton interpreter on CPU against float64 and compiled for
   sm_80/sm_90; not yet run or timed on a GPU.
+- v1.1: the split passes on one flat grid axis (row x chunk): a group of 65,536+ channel blocks
+  no longer puts more than CUDA's 65,535 programs on axis y.
 """
 from __future__ import annotations
 

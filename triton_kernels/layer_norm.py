@@ -32,6 +32,8 @@ Two paths:
 Versions:
 - v1 (this one): fused + split paths, heuristic launch parameters cached per shape. Checked
   under the Triton interpreter on CPU against float64; not yet run or timed on a GPU.
+- v1.1: the backward's grid is (column tiles, row groups): a row of 2^28+ elements no longer
+  puts more than CUDA's 65,535 column tiles on axis y.
 """
 from __future__ import annotations
 
