@@ -83,7 +83,12 @@ constexpr int kLds = kBK + 8;        // shared row stride in elements (80 bytes:
 constexpr int kTcThreads = 128;      // 4 warps, 2 x 2, warp tile 64 x 32
 constexpr int kMinKgForTc = 8;       // fewer output channels per group: the direct kernel
 constexpr int kDirectThreads = 256;
-constexpr int kMaxGridYZ = 65535;
+// CUDA's cap on gridDim.y and gridDim.z. Emulated tests lower it (-DDLH_TEST_CONV_MAX_GRID_YZ=2)
+// to make launch_tc split a small problem into several launches.
+#ifndef DLH_TEST_CONV_MAX_GRID_YZ
+#define DLH_TEST_CONV_MAX_GRID_YZ 65535
+#endif
+constexpr int kMaxGridYZ = DLH_TEST_CONV_MAX_GRID_YZ;
 
 enum Activation : int { kNone = 0, kRelu = 1, kSilu = 2, kGelu = 3, kGeluTanh = 4, kLeakyRelu = 5 };
 
