@@ -7,8 +7,8 @@
 //     ceil_div/round_up and the host entry points each .cu file exports;
 //   * CUDA only (under __CUDACC__): launch checking, fp16/bf16 <-> fp32 conversion, 16-byte
 //     vector loads and stores, warp and block reductions and the dtype dispatchers.
-// Kernel launches (<<<...>>>) stay in the .cu files: the CPU emulation in tests/test_cuda_build.py
-// rewrites them there, and never sees this header's text.
+// Kernel launches (<<<...>>>), __shared__ declarations and __launch_bounds__ stay in the .cu
+// files: the CPU emulation (tests/cuda_emu) rewrites them there, and never rewrites this header.
 // Errors: bad arguments throw std::invalid_argument (Python ValueError), CUDA failures throw
 // std::runtime_error("dlh::<kernel>: <cuda error string>") (Python RuntimeError).
 #pragma once

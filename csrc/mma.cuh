@@ -19,8 +19,8 @@
 // so a 16x16 A operand is two adjacent 16x8 accumulators: a = {pack(c0[0], c0[1]),
 // pack(c0[2], c0[3]), pack(c1[0], c1[1]), pack(c1[2], c1[3])}.
 //
-// The CPU emulation of tests/test_cuda_build.py defines DLH_EMULATE_MMA and brings its own
-// versions (same names and layouts, computed lane by lane); the real instructions exist only in
+// The CPU emulation (tests/cuda_emu) defines DLH_EMULATE_MMA and brings its own versions (same
+// names and layouts, computed lane by lane, cp.async asynchronous and every address checked); the real instructions exist only in
 // the device pass for sm_80 and newer, and the host code only launches these kernels there.
 #pragma once
 

@@ -4,11 +4,13 @@
       gradients, against the float64 reference with test_attention.py's tolerance (FACTOR x the
       error of eager attention in the dtype + FLOOR), on its sweep of head dims, lengths off the
       tile, causal both ways, GQA, masks, layouts; and `auto` never sending it what it cannot do;
-  (b) on the CPU, without a GPU: the kernels compiled by the host compiler against an emulation
-      of CUDA (tests/test_cuda_build.py) extended here with mma.sync m16n8k16, ldmatrix (plain and
-      transposed) and cp.async, emulated lane by lane from the PTX ISA's fragment layouts, so the
-      kernels' fragment bookkeeping, online softmax, masking, tiling and both backward kernels
-      run for real, driven by the op's own glue (dlh_kernels.ops.attention._cuda_fwd/_cuda_bwd);
+  (b) on the CPU, without a GPU: the kernels compiled by the host compiler against the strict
+      CUDA emulation of tests/cuda_emu (mma.sync m16n8k16, ldmatrix plain and transposed, and an
+      asynchronous cp.async, emulated lane by lane from the PTX ISA's fragment layouts; shared
+      memory bounded by the launch's size, alignment, races between barriers and shuffle masks
+      checked), so the kernels' fragment bookkeeping, online softmax, masking, tiling and both
+      backward kernels run for real, driven by the op's own glue
+      (dlh_kernels.ops.attention._cuda_fwd/_cuda_bwd), and any violation fails the call;
   (c) the backend's capability answers (what `cuda` refuses and why), on any machine.
 """
 import math

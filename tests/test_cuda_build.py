@@ -7,7 +7,9 @@ machines without GPUs catch compile errors in csrc/ and even run the kernels:
   (c) without a GPU, calls raise RuntimeError / ValueError, never crash;
   (d) csrc/layer_norm.cu against a float64 reference on shapes that reach each of its kernel
       paths (warp per row, block per row, split rows, row batches, scalar fallback): on a GPU
-      (marked `gpu`), and on the CPU through a small emulation of the CUDA features it uses;
+      (marked `gpu`), and on the CPU through the strict CUDA emulation of tests/cuda_emu (any
+      race, misaligned access, shared-memory overrun, bad shuffle mask or launch configuration
+      it sees fails the call: see tests/cuda_emu/__init__.py);
   (e) csrc/gelu.cu (GELU with bias and dbias, GeGLU) the same two ways, on layouts that reach its
       vector, offset-view, scalar, contiguous-collapse and dbias-partials paths.
   (f) csrc/diffusion_step.cu through the emulation, driven by the op's own glue, against the
@@ -16,8 +18,9 @@ machines without GPUs catch compile errors in csrc/ and even run the kernels:
       GPU (marked `gpu`) and through the emulation: NCHW and channels-inner groups, fused and
       split, sample batches, vectors and the scalar fallback, layouts the glue must copy.
   (h) csrc/conv2d.cu (NHWC conv2d + bias + activation) against float64 F.conv2d: on a GPU (marked
-      `gpu`) through both kernels; on the CPU emulation only its CUDA-core direct kernel (the
-      tensor-core implicit GEMM is inline PTX that the emulation cannot run: it only compiles here).
+      `gpu`) through both kernels; through the emulation, the CUDA-core direct kernel (forced for
+      every dtype) and the tensor-core implicit GEMM (mma.sync, ldmatrix and cp.async emulated).
+That the emulation catches what it claims to is tested in tests/test_cuda_emulation.py.
 """
 import os
 import re
@@ -321,9 +324,9 @@ def test_calls_without_gpu_raise_cleanly():
 
 # ---------------------------------------------------------------------------------------------
 # csrc/layer_norm.cu against a float64 reference, through the raw interface, on shapes chosen to
-# reach every kernel path. Run two ways: on a GPU (marked `gpu`), and on the CPU through a tiny
-# CUDA emulation (below), so that machines without GPUs still execute the kernels' index math,
-# masks, reductions, tile partials and row batches.
+# reach every kernel path. Run two ways: on a GPU (marked `gpu`), and on the CPU through the
+# CUDA emulation (tests/cuda_emu), so that machines without GPUs still execute the kernels' index
+# math, masks, reductions, tile partials and row batches, under its checks.
 
 CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # max |out - ref| / max(1, max |ref|): fp32 math everywhere, so the output rounding dominates
@@ -1256,8 +1259,9 @@ def test_gpu_group_norm_against_float64(shape, G, dtype, w_dtype, layout, dy_lay
 # float64 F.conv2d on the same rounded inputs. y lives in a NaN-filled buffer longer than y: it
 # must come back finite and the tail still NaN. On a GPU (marked `gpu`): the tensor-core implicit
 # GEMM (fp16/bf16, 16-byte cp.async when C/groups % 8 == 0, scalar gather otherwise) and the
-# CUDA-core direct kernel (fp32, depthwise). On the CPU emulation: the direct kernel only, forced
-# for every dtype (DLH_TEST_CONV_DIRECT_ONLY), with a 3-block grid so its grid-stride loop turns.
+# CUDA-core direct kernel (fp32, depthwise). On the CPU emulation: the direct kernel forced for
+# every dtype (DLH_TEST_CONV_DIRECT_ONLY), with a 3-block grid so its grid-stride loop turns, and
+# (below) the tensor-core kernel.
 
 _CONV_ACTS = {
     0: lambda t, a: t,

@@ -44,6 +44,7 @@ def _attention_glue(monkeypatch, source):
                                                   min_launches=4, source=source))
     monkeypatch.setattr(_ext, "ext", lambda: ext)
     monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
+    monkeypatch.setattr(attn, "emulated", ext, raising=False)
     return attn
 
 
@@ -92,6 +93,10 @@ def test_attention_unmodified_passes_the_same_cases(monkeypatch):
     out, lse = _attention_forward(A)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     _check_emulated(A, 1, 1, 1, 16, 200, 32, F16, False, grads=False)
+    # the checks ran: every copy, fragment load and shared access went through the emulation
+    totals = A.emulated.lib.totals
+    for counter in ("launches", "barriers", "cp_async", "ldmatrix", "mma", "shuffles", "shared_accesses"):
+        assert totals[counter] > 0, totals
 
 
 # ---- conv2d.cu --------------------------------------------------------------------------------------
@@ -117,9 +122,22 @@ def test_layer_norm_backward_reuses_one_reduction_buffer():
 
 
 # ---- gelu.cu -----------------------------------------------------------------------------------------
+def test_gelu_blocks_past_their_launch_bounds():
+    """make_tiling with 2 * kThreads threads per block for kernels declared
+    __launch_bounds__(kThreads = 256): a GPU refuses the launch, the grid-stride loops hide it
+    from the results (and the old emulation ran it)."""
+    lib = B._build_emulated("gelu.cu", B.EMU_GELU_ENTRIES, B.EMU_GELU_EXPORTS, source=mutated(
+        "gelu.cu", "std::min<int64_t>(kThreads / bx, M));", "std::min<int64_t>(2 * kThreads / bx, M));"))
+    # 6 rows of 1007 padded to 1008 (no collapse into one row): 126 threads across, 4 rows a block
+    message = expect_violation("launch", B._check_gelu, B._EmulatedGeluExt(lib), torch.device("cpu"), 2, 6, 1007,
+                               BF16, F32, True, 1, 0)
+    assert "__launch_bounds__(256)" in message
+
+
 def test_gelu_dbias_reduce_without_its_barrier():
     """gelu_dbias_reduce_kernel's barrier between the per-row-group sums and their total
-    removed: warp 0 adds sums[i][tx] that warps 1..7 may not have written yet."""
+    removed: warp 0 adds sums[i][tx] that warps 1..7 may not have written yet. (The old
+    emulation caught this one only when the OS scheduled the threads badly.)"""
     lib = B._build_emulated("gelu.cu", B.EMU_GELU_ENTRIES, B.EMU_GELU_EXPORTS, source=mutated(
         "gelu.cu", "    sums[ty][tx] = s;\n    __syncthreads();\n", "    sums[ty][tx] = s;\n"))
     # 200 rows of 40: 4 row groups, so dbias goes through the partials and the reduce kernel
@@ -128,23 +146,38 @@ def test_gelu_dbias_reduce_without_its_barrier():
 
 
 # ---- group_norm.cu -----------------------------------------------------------------------------------
-def test_group_norm_backward_without_the_barrier_before_channel_sums(monkeypatch):
-    """The backward's per-element dw/db contributions read by channel_sums before every thread
-    wrote them (the barrier after the buffer fill removed)."""
-    text = (B.CSRC / "group_norm.cu").read_text()
-    old = "          buf[(i * tpr + tid) * VEC + k] = which == 0 ? dz[i * VEC + k] * xhat[i * VEC + k] : dz[i * VEC + k];\n      __syncthreads();\n"
+def _group_norm_case(monkeypatch, source, case):
     lib = B._build_emulated("group_norm.cu", B.EMU_GN_ENTRIES, B.EMU_GN_EXPORTS,
-                            [f"-DDLH_TEST_GN_BATCH_BYTES={B.EMU_GN_BATCH_BYTES}"],
-                            source=mutated("group_norm.cu", old, old.replace("      __syncthreads();\n", "")))
-    assert text.count(old) == 1
+                            [f"-DDLH_TEST_GN_BATCH_BYTES={B.EMU_GN_BATCH_BYTES}"], source=source)
     from dlh_kernels import _ext
     from dlh_kernels.ops import group_norm as GN
     monkeypatch.setattr(_ext, "ext", lambda: B._EmulatedGroupNormExt(lib))
     monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
     monkeypatch.setattr(_ext, "sm_count", lambda index: 16)
-    # NCHW, groups split in 4 tiles of 2048 elements: blocks of several warps
-    expect_violation("race", B._check_group_norm, GN, torch.device("cpu"), (2, 4, 64, 64), 2, F32, F32, "contiguous",
-                     "contiguous", True, True)
+    B._check_group_norm(GN, torch.device("cpu"), *case)
+
+
+# NCHW, groups split in 4 tiles of 2048 elements: blocks of several warps
+GN_SPLIT_CASE = ((2, 4, 64, 64), 2, F32, F32, "contiguous", "contiguous", True, True)
+
+
+def test_group_norm_forward_reuses_the_first_reduction_buffer(monkeypatch):
+    """The forward's second block reduction (m2) through red_sum, the buffer the first one (sum,
+    count) still reads from: a warp's partial m2 may overwrite a sum a slower warp has not read
+    (block_sum's contract: a second buffer, or a barrier)."""
+    source = mutated("group_norm.cu", "    m2 = block_sum(m2, red_m2);",
+                     "    m2 = block_sum(m2, reinterpret_cast<float*>(red_sum));")
+    expect_violation("race", _group_norm_case, monkeypatch, source, GN_SPLIT_CASE)
+
+
+def test_group_norm_backward_without_the_barrier_before_channel_sums(monkeypatch):
+    """The backward's per-element dw/db contributions read by channel_sums before every thread
+    wrote them (the barrier after the buffer fill removed; the old emulation caught it only by
+    wrong results when the threads happened to interleave)."""
+    old = ("          buf[(i * tpr + tid) * VEC + k] = which == 0 ? dz[i * VEC + k] * xhat[i * VEC + k] : "
+           "dz[i * VEC + k];\n      __syncthreads();\n")
+    source = mutated("group_norm.cu", old, old.replace("      __syncthreads();\n", ""))
+    expect_violation("race", _group_norm_case, monkeypatch, source, GN_SPLIT_CASE)
 
 
 # ---- diffusion_step.cu -------------------------------------------------------------------------------

@@ -398,9 +398,11 @@ bool check_config(const char* name, const void* kernel, dim3 grid, dim3 block, s
 
 void new_block(Launch& L) {
   L.bar = std::make_unique<std::barrier<EpochBump>>(L.threads, EpochBump{&epoch});
-  for (Warp& w : L.warps) {
-    w.bar = std::make_unique<std::barrier<>>(32);
-    w.exited.store(0, std::memory_order_relaxed);
+  for (size_t i = 0; i < L.warps.size(); ++i) {
+    // a partial last warp: its missing lanes count as exited (a full mask there is a violation)
+    const int lanes = std::min(32, L.threads - int(i) * 32);
+    L.warps[i].bar = std::make_unique<std::barrier<>>(lanes);
+    L.warps[i].exited.store(lanes == 32 ? 0u : ~((1u << lanes) - 1), std::memory_order_relaxed);
   }
   // a new block: nothing in shared memory survives, every old access is ordered before it
   std::memset(window, kPoison, std::min(kWindow, std::max(shared_limit(L), size_t(16 * 1024))));
@@ -421,9 +423,6 @@ void launch(const char* name, const void* kernel, dim3 grid, dim3 block, size_t 
   L.threads = static_cast<int>(block.x * block.y * block.z);
   L.dynamic = dynamic;
   L.warps = std::vector<Warp>((L.threads + 31) / 32);
-  if (L.threads % 32) {
-    // a partial last warp: its missing lanes count as exited from the start
-  }
   current = &L;
   blockDim = block;
   gridDim = grid;
@@ -455,7 +454,6 @@ void launch(const char* name, const void* kernel, dim3 grid, dim3 block, size_t 
       all.arrive_and_wait();  // the next one is set up
     }
   };
-  // a partial last warp would need lanes that never arrive; the kernels launch whole warps
   std::vector<std::thread> pool;
   pool.reserve(L.threads);
   for (int t = 0; t < L.threads; ++t) pool.emplace_back(run, t);
