@@ -608,7 +608,8 @@ def row_estimate(row: dict) -> Optional[int]:
     """Today's footprint estimate (triton_kernels/common.py) of a report row."""
     from dlh_kernels.triton_kernels import common
     nargs = {name: _Elem(size) for name, size in row.get("arg_elems", {}).items()}
-    return common.shared_memory_estimate(row["kernel"], nargs, {**row["meta"], **row["config"]})
+    return common.shared_memory_estimate(row["kernel"], nargs, {**row["meta"], **row["config"]},
+                                         capability=row["arch"])
 
 
 def _largest_kept(launch: Launch, arch: int) -> list:

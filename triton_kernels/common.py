@@ -96,42 +96,72 @@ def _elem(t) -> int:
 
 
 def attention_shared_bytes(kernel: str, elem: int, mask_elem: int, BLOCK_M: int, BLOCK_N: int,
-                           BLOCK_D: int, BLOCK_DV: int, num_stages: int) -> int:
+                           BLOCK_D: int, BLOCK_DV: int, num_stages: int, capability: int = 90,
+                           atomic_dq: bool = False) -> int:
     """Shared memory of one attention program. kernel: "fwd", "dq", "dkdv" or "dmask"; elem: bytes
-    per Q/K/V element; mask_elem: bytes per mask element (0: no mask, 1: bool)."""
+    per Q/K/V element; mask_elem: bytes per mask element (0: no mask, 1: bool). capability: 90
+    (wgmma: a ring of num_stages buffers, the mask one fewer) or 80 (mma.sync: one buffer fewer
+    in the ring, the mask num_stages)."""
     rows_q = BLOCK_M * (BLOCK_D + BLOCK_DV)   # a query block's q and dO (dq, dkdv, dmask)
     rows_k = BLOCK_N * (BLOCK_D + BLOCK_DV)   # a key block's k and v
     mask = BLOCK_M * BLOCK_N * mask_elem
+    stages = max(1, num_stages)
+    sm90 = capability >= 90
+    if stages == 1:  # nothing pipelined: the dot operands and p/dS as they are used
+        if kernel == "fwd":
+            return BLOCK_M * BLOCK_D * elem + BLOCK_N * max(BLOCK_D, BLOCK_DV) * elem \
+                + BLOCK_M * BLOCK_N * elem + mask
+        if kernel == "dkdv":
+            return (rows_k + rows_q + BLOCK_M * BLOCK_D) * elem + mask
+        return (rows_q + rows_k) * elem + BLOCK_M * BLOCK_N * elem + mask
     if kernel == "fwd":
-        resident, ring = BLOCK_M * BLOCK_D * elem, rows_k * elem
-        if num_stages <= 1:  # nothing pipelined: q, the k tile and p as dot operands
-            return resident + BLOCK_N * max(BLOCK_D, BLOCK_DV) * elem + BLOCK_M * BLOCK_N * elem + mask
-    elif kernel in ("dq", "dmask"):
-        resident, ring = rows_q * elem, rows_k * elem
-    elif kernel == "dkdv":
-        # the q/dO ring of the inner loop holds at most 2 buffers (measured with 2, 3 stages),
-        # plus lse and delta rows per buffer
-        resident, ring = rows_k * elem, rows_q * elem + BLOCK_M * 8
-        if num_stages > 2:
-            num_stages = 2
-        if num_stages <= 1:
-            return resident + ring + 2 * BLOCK_M * BLOCK_N * elem + mask
-    else:
-        raise ValueError(f"unknown attention kernel {kernel!r}")
-    return resident + max(1, num_stages) * ring + max(0, num_stages - 1) * mask
+        ring, masks = (stages, stages - 1) if sm90 else (stages - 1, stages)
+        return BLOCK_M * BLOCK_D * elem + ring * rows_k * elem + masks * mask
+    if kernel in ("dq", "dmask"):
+        if sm90:
+            return rows_q * elem + stages * rows_k * elem + (stages - 1) * mask
+        # mma.sync: the k/v ring is one buffer short of num_stages up to 3 stages, two beyond
+        # (measured; Triton 3.6 sizes the K and V rings apart), the mask ring is full
+        ring = stages - 1 if stages <= 3 else stages - 2
+        return rows_q * elem + ring * rows_k * elem + stages * mask + BLOCK_M * 32
+    if kernel == "dkdv":
+        # the inner loop streams q, dO (the ring) and lse, delta, the mask
+        stream = BLOCK_M * 8 + mask
+        if sm90:
+            total = rows_k * elem + stages * rows_q * elem + (stages - 1) * stream
+        else:
+            total = rows_k * elem + (stages - 1) * (rows_q * elem + BLOCK_M * 8) + stages * mask
+        if atomic_dq and sm90:  # dS and a transposed copy of K for the dQ += dS K wgmma
+            total += (2 * BLOCK_M * BLOCK_N + BLOCK_N * BLOCK_D) * elem
+        return total
+    raise ValueError(f"unknown attention kernel {kernel!r}")
 
 
-def matmul_shared_bytes(elem: int, BLOCK_M: int, BLOCK_N: int, BLOCK_K: int, num_stages: int) -> int:
+def matmul_shared_bytes(elem: int, BLOCK_M: int, BLOCK_N: int, BLOCK_K: int, num_stages: int,
+                        capability: int = 90) -> int:
     """Shared memory of a pipelined tl.dot main loop (linear_gelu, the conv2d implicit GEMMs): a
-    ring of num_stages (A, B) tile pairs; the epilogue reuses it."""
-    return max(1, num_stages) * (BLOCK_M + BLOCK_N) * BLOCK_K * elem
+    ring of num_stages (A, B) tile pairs with wgmma (sm_90), one fewer with mma.sync (sm_80);
+    the epilogue reuses it."""
+    ring = max(1, num_stages if capability >= 90 else num_stages - 1)
+    return ring * (BLOCK_M + BLOCK_N) * BLOCK_K * elem
 
 
-def shared_memory_estimate(kernel_name: str, named_args: dict, meta: dict) -> Optional[int]:
+def _capability() -> int:
+    """The active driver's target (major * 10 + minor); 90 without a driver."""
+    try:
+        from triton.runtime import driver
+        return int(driver.active.get_current_target().arch)
+    except Exception:
+        return 90
+
+
+def shared_memory_estimate(kernel_name: str, named_args: dict, meta: dict,
+                           capability: Optional[int] = None) -> Optional[int]:
     """The estimate for a launch of kernel_name with these arguments (name -> value; tensors
     give the element sizes) and constexprs + config (BLOCK_*, num_stages); None for kernels
     without a model (the elementwise and norm kernels use no shared ring)."""
     stages = meta.get("num_stages", 3)
+    cap = capability if capability is not None else _capability()
     if kernel_name.startswith("attn_") and kernel_name != "attn_bwd_preprocess_kernel" \
             and kernel_name != "attn_dropout_mask_kernel":
         kernel = {"attn_fwd_kernel": "fwd", "attn_bwd_dq_kernel": "dq", "attn_bwd_dkdv_kernel": "dkdv",
@@ -139,13 +169,14 @@ def shared_memory_estimate(kernel_name: str, named_args: dict, meta: dict) -> Op
         mask = named_args.get("Mask")
         mask_elem = 0 if mask is None else _elem(mask)
         return attention_shared_bytes(kernel, _elem(named_args["Q"]), mask_elem, meta["BLOCK_M"],
-                                      meta["BLOCK_N"], meta["BLOCK_D"], meta["BLOCK_DV"], stages)
+                                      meta["BLOCK_N"], meta["BLOCK_D"], meta["BLOCK_DV"], stages, cap,
+                                      bool(meta.get("ATOMIC_DQ", False)))
     if kernel_name == "linear_gelu_kernel":
         return matmul_shared_bytes(_elem(named_args["A"]), meta["BLOCK_M"], meta["BLOCK_N"],
-                                   meta["BLOCK_K"], stages)
+                                   meta["BLOCK_K"], stages, cap)
     if kernel_name in ("conv2d_fwd_kernel", "conv2d_bwd_input_kernel", "conv2d_bwd_weight_kernel"):
         a = named_args.get("X") if kernel_name == "conv2d_fwd_kernel" else named_args.get("DZ")
-        return matmul_shared_bytes(_elem(a), meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], stages)
+        return matmul_shared_bytes(_elem(a), meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], stages, cap)
     return None
 
 
