@@ -21,6 +21,11 @@ F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 pytestmark = B.needs_nvcc
 
 
+def _build(cu_name, entries, extra_exports="", defines=(), **kw):
+    """B._build_emulated at -O0: the mutants run one small case each, so compile time dominates."""
+    return B._build_emulated(cu_name, entries, extra_exports, [*defines, "-O0"], **kw)
+
+
 def mutated(cu_name, old, new):
     """csrc/<cu_name> with `old` (which must occur exactly once) replaced by `new`."""
     text = (B.CSRC / cu_name).read_text()
@@ -40,7 +45,7 @@ def expect_violation(kind, fn, *args, **kwargs):
 def _attention_glue(monkeypatch, source):
     from dlh_kernels import _ext
     from dlh_kernels.ops import attention as attn
-    ext = _EmulatedAttentionExt(B._build_emulated("attention.cu", EMU_ATTN_ENTRIES, EMU_ATTN_EXPORTS,
+    ext = _EmulatedAttentionExt(_build("attention.cu", EMU_ATTN_ENTRIES, EMU_ATTN_EXPORTS,
                                                   min_launches=4, source=source))
     monkeypatch.setattr(_ext, "ext", lambda: ext)
     monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
@@ -106,7 +111,7 @@ CONV_CASE = (2, 9, 9, 8, 16, 3, 3, (1, 1), (1, 1), (1, 1), 1, BF16, 2, True)  # 
 def test_conv2d_without_its_main_loop_barrier():
     """(c) the barrier at the end of the implicit GEMM's k loop removed: stage kt + 1's cp.async
     overwrites what other warps read in iteration kt - 1."""
-    lib = B._build_emulated("conv2d.cu", B.EMU_CONV_ENTRIES, source=mutated(
+    lib = _build("conv2d.cu", B.EMU_CONV_ENTRIES, source=mutated(
         "conv2d.cu", "    __syncthreads();  // everyone is done reading `stage` before it is refilled\n", ""))
     expect_violation("race", B._check_conv2d, B._EmulatedConv2d(lib), torch.device("cpu"), *CONV_CASE)
 
@@ -115,7 +120,7 @@ def test_conv2d_without_its_main_loop_barrier():
 def test_layer_norm_backward_reuses_one_reduction_buffer():
     """norm_bwd's per-row block_sum2 always into red[0] instead of alternating: row r + 1's
     partial sums overwrite red[0] while slower warps may still read row r's."""
-    lib = B._build_emulated("layer_norm.cu", B.EMU_NORM_ENTRIES, B.EMU_NORM_EXPORTS, B.EMU_NORM_DEFINES, source=mutated(
+    lib = _build("layer_norm.cu", B.EMU_NORM_ENTRIES, B.EMU_NORM_EXPORTS, B.EMU_NORM_DEFINES, source=mutated(
         "layer_norm.cu", "sums = block_sum2(sums, red[parity]);", "sums = block_sum2(sums, red[0]);"))
     ext = B._EmulatedExt(lib)
     expect_violation("race", B._check_norm, ext, torch.device("cpu"), 1, 6, 2048, BF16, F32, True, True, 8)
@@ -126,7 +131,7 @@ def test_gelu_blocks_past_their_launch_bounds():
     """make_tiling with 2 * kThreads threads per block for kernels declared
     __launch_bounds__(kThreads = 256): a GPU refuses the launch, the grid-stride loops hide it
     from the results (and the old emulation ran it)."""
-    lib = B._build_emulated("gelu.cu", B.EMU_GELU_ENTRIES, B.EMU_GELU_EXPORTS, source=mutated(
+    lib = _build("gelu.cu", B.EMU_GELU_ENTRIES, B.EMU_GELU_EXPORTS, source=mutated(
         "gelu.cu", "std::min<int64_t>(kThreads / bx, M));", "std::min<int64_t>(2 * kThreads / bx, M));"))
     # 6 rows of 1007 padded to 1008 (no collapse into one row): 126 threads across, 4 rows a block
     message = expect_violation("launch", B._check_gelu, B._EmulatedGeluExt(lib), torch.device("cpu"), 2, 6, 1007,
@@ -138,7 +143,7 @@ def test_gelu_dbias_reduce_without_its_barrier():
     """gelu_dbias_reduce_kernel's barrier between the per-row-group sums and their total
     removed: warp 0 adds sums[i][tx] that warps 1..7 may not have written yet. (The old
     emulation caught this one only when the OS scheduled the threads badly.)"""
-    lib = B._build_emulated("gelu.cu", B.EMU_GELU_ENTRIES, B.EMU_GELU_EXPORTS, source=mutated(
+    lib = _build("gelu.cu", B.EMU_GELU_ENTRIES, B.EMU_GELU_EXPORTS, source=mutated(
         "gelu.cu", "    sums[ty][tx] = s;\n    __syncthreads();\n", "    sums[ty][tx] = s;\n"))
     # 200 rows of 40: 4 row groups, so dbias goes through the partials and the reduce kernel
     expect_violation("race", B._check_gelu, B._EmulatedGeluExt(lib), torch.device("cpu"), 2, 200, 40, BF16, None,
@@ -147,7 +152,7 @@ def test_gelu_dbias_reduce_without_its_barrier():
 
 # ---- group_norm.cu -----------------------------------------------------------------------------------
 def _group_norm_case(monkeypatch, source, case):
-    lib = B._build_emulated("group_norm.cu", B.EMU_GN_ENTRIES, B.EMU_GN_EXPORTS,
+    lib = _build("group_norm.cu", B.EMU_GN_ENTRIES, B.EMU_GN_EXPORTS,
                             [f"-DDLH_TEST_GN_BATCH_BYTES={B.EMU_GN_BATCH_BYTES}"], source=source)
     from dlh_kernels import _ext
     from dlh_kernels.ops import group_norm as GN
@@ -186,7 +191,7 @@ STEP_LAUNCH = "diffusion_step_kernel<T, TableT, true><<<blocks, kThreads, 0, str
 
 def _one_step(monkeypatch, source):
     """One DDPM step of a contiguous (2, 3, 5, 7) fp32 sample through the op's cuda glue."""
-    lib = B._build_emulated("diffusion_step.cu", B.EMU_STEP_ENTRIES, source=source)
+    lib = _build("diffusion_step.cu", B.EMU_STEP_ENTRIES, source=source)
     from dlh_kernels import _ext
     from dlh_kernels.ops import diffusion_step as D
     monkeypatch.setattr(_ext, "ext", lambda: B._EmulatedStepExt(lib))

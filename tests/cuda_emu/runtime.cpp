@@ -163,8 +163,19 @@ bool shared_access(size_t off, size_t n, Access kind) {
   const unsigned me = 1u << w;
   for (size_t g = off / kGranule; g < (off + n + kGranule - 1) / kGranule; ++g) {
     const size_t goff = g * kGranule;
-    lock(goff);
     Granule& s = shadow[g];
+    if (kind == kLoad || kind == kLdmatrix) {
+      // fast path: this warp's read is already recorded in this epoch and nothing conflicts (the
+      // other lanes of a warp reading a reduction slot); relaxed loads of the shadow suffice,
+      // a stale value only sends the access down the locked path
+      const uint32_t r_epoch = __atomic_load_n(&s.r_epoch, __ATOMIC_RELAXED);
+      const uint32_t r_mask = __atomic_load_n(&s.r_mask, __ATOMIC_RELAXED);
+      const uint32_t w_epoch = __atomic_load_n(&s.w_epoch, __ATOMIC_RELAXED);
+      const int16_t w_warp = __atomic_load_n(&s.w_warp, __ATOMIC_RELAXED);
+      const uint8_t flight = __atomic_load_n(&s.inflight, __ATOMIC_RELAXED);
+      if (r_epoch == ep && (r_mask & me) && !flight && (w_epoch != ep || w_warp == w)) continue;
+    }
+    lock(goff);
     int other = -1;
     unsigned readers = 0;
     bool inflight = false;
