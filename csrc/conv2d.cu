@@ -474,7 +474,7 @@ void conv2d_fwd(const Conv2dFwdArgs& a) {
   p.nt0 = 0;
   bool tensor_cores = a.dtype != kFloat32 && Kg >= kMinKgForTc && ceil_div(p.M, kBM) <= INT_MAX;
 #ifdef DLH_TEST_CONV_DIRECT_ONLY
-  tensor_cores = false;  // the CPU emulation cannot run mma.sync
+  tensor_cores = false;  // tests: the direct kernel on every dtype, under the emulation
 #endif
   if (tensor_cores) tensor_cores = device_has_mma(fn);
   dispatch_dtype(a.dtype, [&](auto tag) {

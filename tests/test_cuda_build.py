@@ -1395,3 +1395,27 @@ def test_conv2d_tensor_cores_emulated_on_cpu(emulated_conv2d_tc, N, H, W, C, K, 
                                             dtype, act, bias):
     _check_conv2d(emulated_conv2d_tc, torch.device("cpu"), N, H, W, C, K, R, S, stride, pad, dil, groups, dtype,
                   act, bias)
+
+
+# The tensor-core path's grid past CUDA's 65,535 limit on gridDim.y (channel tiles) and gridDim.z
+# (groups): conv2d.cu then runs several launches with offsets (g0, nt0). The limit lowered to 2
+# (DLH_TEST_CONV_MAX_GRID_YZ) makes those split launches happen at test sizes; the emulation
+# itself refuses any launch whose grid is over the real limit.
+@pytest.fixture(scope="module")
+def emulated_conv2d_split():
+    return _EmulatedConv2d(_build_emulated("conv2d.cu", EMU_CONV_ENTRIES,
+                                           defines=["-DDLH_TEST_CONV_MAX_GRID_YZ=2"]))
+
+
+EMULATED_CONV_SPLIT_CASES = [
+    (1, 6, 6, 40, 40, 3, 3, (1, 1), (1, 1), (1, 1), 5, F16, 2, True),     # 5 groups: z chunks 2, 2, 1
+    (1, 5, 5, 16, 136, 1, 1, (1, 1), (0, 0), (1, 1), 1, BF16, 1, True),   # 3 channel tiles: y chunks 2, 1
+]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("N,H,W,C,K,R,S,stride,pad,dil,groups,dtype,act,bias", EMULATED_CONV_SPLIT_CASES)
+def test_conv2d_split_launches_emulated_on_cpu(emulated_conv2d_split, N, H, W, C, K, R, S, stride, pad, dil,
+                                               groups, dtype, act, bias):
+    _check_conv2d(emulated_conv2d_split, torch.device("cpu"), N, H, W, C, K, R, S, stride, pad, dil, groups, dtype,
+                  act, bias)
