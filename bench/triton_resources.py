@@ -619,7 +619,7 @@ def _largest_kept(launch: Launch, arch: int) -> list:
     if launch.configs is None:
         return variants
     kept = [v for v in variants if v[3]]
-    probe = {"kernel": launch.name, "arg_elems": arg_elems(launch), "meta": _meta_of(launch)}
+    probe = {"kernel": launch.name, "arg_elems": arg_elems(launch), "meta": _meta_of(launch), "arch": arch}
     return [max(kept, key=lambda v: (row_estimate({**probe, "config": v[1]}) or 0,
                                      v[1].get("num_stages", 0)))]
 
