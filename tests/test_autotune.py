@@ -254,24 +254,30 @@ def test_conv2d_autotuned_path(activation, monkeypatch, tuning):
         return z if activation is None else F.silu(z)
 
     def call():
-        for t in (x, w, b):
-            t.grad = None
-        out = DF.conv2d(x, w, b, padding=1, activation=activation, backend="triton")
-        leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
-        ref = act(F.conv2d(*leaves, padding=1))
-        eager_leaves = [t.detach().requires_grad_() for t in (x, w, b)]
-        eager = act(F.conv2d(*eager_leaves, padding=1))
-        assert_close(out, ref, eager, torch.float32, "out")
-        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-        out.backward(dy)
-        ref.backward(dy.double())
-        eager.backward(dy)
-        for name, t, r, e in zip(("input", "weight", "bias"), (x, w, b), leaves, eager_leaves):
-            assert_close(t.grad, r.grad, e.grad, torch.float32, f"grad {name}")
+        _check_fwd_bwd(lambda *t: DF.conv2d(*t, padding=1, activation=activation, backend="triton"),
+                       lambda *t: act(F.conv2d(*t, padding=1)), (x, w, b), seed=4)
 
     # the backward launches the forward kernel with GRAD=True only for an activation
     tunings = 1 if activation is None else 2
     _tune_then_reload(tuning, factory, call, {"conv2d_fwd_kernel": (tunings, _fits(1 << 30, 64))})
+
+
+def _check_fwd_bwd(op, reference, inputs, seed):
+    """op(*inputs) and its gradients for (input, weight, bias) against reference() in float64,
+    with reference() in the input dtype as the eager error bound (test_attention's assert_close)."""
+    for t in inputs:
+        t.grad = None
+    out = op(*inputs)
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    eager_leaves = [t.detach().requires_grad_() for t in inputs]
+    ref, eager = reference(*leaves), reference(*eager_leaves)
+    assert_close(out, ref, eager, torch.float32, "out")
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    out.backward(dy)
+    ref.backward(dy.double())
+    eager.backward(dy)
+    for name, t, r, e in zip(("input", "weight", "bias"), inputs, leaves, eager_leaves):
+        assert_close(t.grad, r.grad, e.grad, torch.float32, f"grad {name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,19 +293,7 @@ def test_linear_gelu_autotuned_path(approximate, monkeypatch, tuning):
     b = torch.randn(48, generator=g).to(DEVICE).requires_grad_()
 
     def call():
-        for t in (x, w, b):
-            t.grad = None
-        out = DF.linear_gelu(x, w, b, approximate=approximate, backend="triton")
-        leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
-        ref = F.gelu(F.linear(*leaves), approximate=approximate)
-        eager_leaves = [t.detach().requires_grad_() for t in (x, w, b)]
-        eager = F.gelu(F.linear(*eager_leaves), approximate=approximate)
-        assert_close(out, ref, eager, torch.float32, "out")
-        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
-        out.backward(dy)
-        ref.backward(dy.double())
-        eager.backward(dy)
-        for name, t, r, e in zip(("input", "weight", "bias"), (x, w, b), leaves, eager_leaves):
-            assert_close(t.grad, r.grad, e.grad, torch.float32, f"grad {name}")
+        _check_fwd_bwd(lambda *t: DF.linear_gelu(*t, approximate=approximate, backend="triton"),
+                       lambda *t: F.gelu(F.linear(*t), approximate=approximate), (x, w, b), seed=6)
 
     _tune_then_reload(tuning, factory, call, {"linear_gelu_kernel": (2, None)})

@@ -41,20 +41,7 @@ CSRC = ROOT / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
 
 
-def _find_nvcc():
-    """Same search order as setup.py: CUDA_HOME / CUDA_PATH, PATH, /usr/local/cuda."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and (Path(home) / "bin" / "nvcc").is_file():
-            return str(Path(home) / "bin" / "nvcc")
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    default = Path("/usr/local/cuda/bin/nvcc")
-    return str(default) if default.is_file() else None
-
-
-NVCC = _find_nvcc()
+NVCC = cuda_emu.find_nvcc()  # setup.py's search order
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA extension is not built here")
 
 # The flags setup.py uses (minus -lineinfo, which changes no diagnostics), for both archs in one
