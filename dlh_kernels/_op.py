@@ -21,6 +21,10 @@ from . import profiling
 
 _LIB_NAME = "dlh"
 
+# `dlh.coverage` watches which ops a forward runs: a context-manager factory taking the op name,
+# or None (the usual case, one global read per call).
+observer = None
+
 
 def _plain_eager(args: Sequence) -> bool:
     """True when no tracing is going on: every tensor argument is an ordinary tensor."""
@@ -72,6 +76,12 @@ class KernelOp:
         return impl(*args[:-1])
 
     def __call__(self, *args):
+        if observer is not None:
+            with observer(self.name):
+                return self._call(*args)
+        return self._call(*args)
+
+    def _call(self, *args):
         if not _plain_eager(args):
             return self.custom_op(*args)
         if self._function is not None and torch.is_grad_enabled() and any(

@@ -88,7 +88,11 @@ _NULL = contextlib.nullcontext()
 
 def torch_range(op: str):
     """The range of an op call that the ``torch`` backend runs as plain torch.nn.functional (not
-    through a KernelOp), so that it shows as ``dlh::<op>[torch]`` too; a no-op when profiling is off."""
+    through a KernelOp), so that it shows as ``dlh::<op>[torch]`` too; a no-op when profiling is off
+    (and `dlh.coverage` is not watching)."""
+    from . import _op
+    if _op.observer is not None:
+        return _op.observer(op)
     return op_range(f"dlh::{op}[torch]") if _enabled else _NULL
 
 
