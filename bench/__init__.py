@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-FAMILIES = ("layer_norm", "gelu", "linear_gelu", "conv2d", "attention", "diffusion", "group_norm")
+FAMILIES = ("layer_norm", "gelu", "linear_gelu", "activation", "rotary", "conv2d", "attention", "diffusion",
+            "group_norm")
 CHOICES = FAMILIES + ("overhead", "models", "coldstart", "summary", "all")
 ALL = FAMILIES + ("overhead", "models", "summary")
 
@@ -89,6 +90,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rc |= gelu.run(quick=args.quick, dtype=args.dtype, out=out)
     if "linear_gelu" in which:
         rc |= linear_gelu.run(quick=args.quick, dtype=args.dtype, out=out)
+    if "activation" in which:
+        from . import activation
+        rc |= activation.run(quick=args.quick, dtype=args.dtype, out=out)
+    if "rotary" in which:
+        from . import rotary
+        rc |= rotary.run(quick=args.quick, dtype=args.dtype, out=out)
     if "conv2d" in which:
         rc |= conv2d.run(quick=args.quick, dtype=args.dtype, out=out)
     if "attention" in which:

@@ -485,7 +485,42 @@ def diffusion_cases(sweep: str):
     return cases
 
 
+def linear_cases(sweep: str):
+    """DF.linear: forward and the GRAD epilogue (an activation's backward), both weight layouts
+    (nn.Linear's (out, in) and GPT-2 Conv1D's (in, out) buffer handed in as .t())."""
+    import torch
+    import dlh_kernels.functional as DF
+
+    def case(dtype, act, w_layout, bias, tf32=False, shape=(256, 512, 256)):
+        def run():
+            M, N, K = shape
+            old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                x = torch.randn(M, K, dtype=dtype, requires_grad=True)
+                if w_layout == "conv1d":
+                    w = torch.randn(K, N, dtype=dtype, requires_grad=True).t()
+                else:
+                    w = torch.randn(N, K, dtype=dtype, requires_grad=True)
+                b = torch.randn(N, dtype=dtype, requires_grad=True) if bias else None
+                _backward(DF.linear(x, w, b, activation=act, backend="triton"))
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = old
+        return f"linear {dtype} act={act} weight={w_layout} bias={bias} tf32={tf32}", run
+
+    cases = []
+    for _, dtype in _dtypes(["bf16"] if sweep == "ci" else ["fp32", "fp16", "bf16"]):
+        if sweep == "full" or dtype == torch.bfloat16:
+            cases.append(case(dtype, "gelu_tanh", "conv1d", True))
+        if sweep == "full" or (sweep != "ci" and dtype == torch.bfloat16):
+            cases.append(case(dtype, "relu", "linear", False))
+    if sweep == "full":
+        cases.append(case(torch.float32, "silu", "linear", True, tf32=True))
+    return cases
+
+
 FAMILIES = {"attention": attention_cases, "conv2d": conv2d_cases, "gelu": gelu_cases,
+            "linear": linear_cases,
             "norms": norm_cases, "diffusion_step": diffusion_cases}
 
 

@@ -16,12 +16,19 @@ from typing import Callable
 import torch
 
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "gelu", "bias_gelu", "geglu",
-       "linear_gelu", "attention", "group_norm", "conv2d", "diffusion_step")
+       "linear_gelu", "linear", "attention", "group_norm", "conv2d", "diffusion_step",
+       "silu", "relu", "leaky_relu", "swiglu", "gated_gelu", "rotary_embedding")
 SIZES = ("tiny", "default")
 _RANGE = {"bias_gelu": "gelu"}
+# The activations' kernels run through one torch op per shape of work; their torch backend runs
+# torch.nn.functional under the function's own name.
+_KERNEL_RANGE = {"silu": "activation", "relu": "activation", "leaky_relu": "activation",
+                 "swiglu": "gated_activation", "gated_gelu": "gated_activation"}
 
 
 def range_name(op: str, backend: str) -> str:
+    if backend != "torch" and op in _KERNEL_RANGE:
+        return f"dlh::{_KERNEL_RANGE[op]}[{backend}]"
     return f"dlh::{_RANGE.get(op, op)}[{backend}]"
 
 
@@ -65,10 +72,26 @@ def make(op: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, bac
         fwd = {"gelu": lambda: DF.gelu(x, **be),
                "bias_gelu": lambda: DF.gelu(x, "tanh", bias=bias, **be),
                "geglu": lambda: DF.geglu(x, "tanh", **be)}[op]
+    elif op in ("silu", "relu", "leaky_relu"):
+        M, N = (8, 96) if tiny else (8 * 1024, 3072)  # GPT-2 small's MLP width
+        x = rand(M, N)
+        fwd = {"silu": lambda: DF.silu(x, **be), "relu": lambda: DF.relu(x, **be),
+               "leaky_relu": lambda: DF.leaky_relu(x, 0.2, **be)}[op]
+    elif op in ("swiglu", "gated_gelu"):
+        # the fused gate_up_proj output of one LLaMA-7B MLP (8 x 512 tokens, 2 x 11008 wide)
+        M, N = (8, 96) if tiny else (8 * 512, 11008)
+        x = rand(M, 2 * N)
+        fwd = {"swiglu": lambda: DF.swiglu(x, **be),
+               "gated_gelu": lambda: DF.gated_gelu(x, approximate="tanh", **be)}[op]
     elif op == "linear_gelu":
         M, K, N = (16, 32, 64) if tiny else (8 * 1024, 768, 3072)
         x, W, bias = rand(M, K), rand(N, K, scale=K ** -0.5), rand(N, scale=0.1)
         fwd = lambda: DF.linear_gelu(x, W, bias, "tanh", **be)  # noqa: E731
+    elif op == "linear":
+        # GPT-2 small's c_fc: a Conv1D, weight stored (in, out) and handed in as its .t() view
+        M, K, N = (16, 32, 64) if tiny else (8 * 1024, 768, 3072)
+        x, W_in_out, bias = rand(M, K), rand(K, N, scale=K ** -0.5), rand(N, scale=0.1)
+        fwd = lambda: DF.linear(x, W_in_out.t(), bias, activation="gelu_tanh", **be)  # noqa: E731
     elif op == "attention":
         B, H, L, D = (1, 2, 48, 32) if tiny else (8, 12, 1024, 64)
         q, k, v = rand(B, H, L, D), rand(B, H, L, D), rand(B, H, L, D)
@@ -86,6 +109,22 @@ def make(op: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, bac
         w = rand(K, C, 3, 3, scale=(9 * C) ** -0.5)
         bias = rand(K, scale=0.1)
         fwd = lambda: DF.conv2d(x, w, bias, padding=1, activation="silu", **be)  # noqa: E731
+    elif op == "rotary_embedding":
+        # one LLaMA-2-7B layer's q/k at prefill: 8 x 1024 tokens, 32 heads of 128; GQA 4:1 for k;
+        # fp32 cos/sin tables (the rotary module's cache), rounded to q's dtype by the op
+        B, Hq, Hk, S, D = (1, 2, 1, 16, 32) if tiny else (8, 32, 8, 1024, 128)
+        q, k = rand(B, Hq, S, D), rand(B, Hk, S, D)
+        angles = torch.arange(S, device=device, dtype=torch.float32)[:, None] * torch.rand(D // 2, generator=g).to(device)
+        emb = torch.cat([angles, angles], -1)[None]
+        cos, sin = emb.cos(), emb.sin()
+        call = lambda: DF.rotary_embedding(q, k, cos, sin, **be)  # noqa: E731
+        if not grad:
+            return call
+
+        def rotary_fwd_bwd():
+            qo, ko = call()
+            return torch.autograd.grad((qo, ko), inputs, (torch.ones_like(qo), torch.ones_like(ko)))
+        return rotary_fwd_bwd
     else:  # diffusion_step: sampling, no backward
         from dlh_kernels import diffusion
         shape = (1, 3, 4, 4) if tiny else (16, 3, 32, 32)

@@ -319,4 +319,105 @@ PYBIND11_MODULE(_C, m) {
       "Backward of attention_fwd: dq, dk, dv (overwritten; dk/dv summed over each K/V head's query heads),\n"
       "deterministic; delta: (B, Hq, L) fp32 scratch; dscores (0: none): zero-filled (B, Hq, L, S) fp32 that\n"
       "gets dS, the gradient of an additive mask before its broadcast dims are summed.");
+
+  // ---- activation.cu ----------------------------------------------------------------------------
+  // act (unary): 0 silu, 1 relu, 2 leaky_relu(negative_slope); act (gated): 0 silu (SwiGLU),
+  // 1 gelu (erf), 2 gelu (tanh). fp32 math for every dtype; (M, N) row views, one row stride each.
+  m.def(
+      "activation_fwd",
+      [](ptr_t x, ptr_t y, int64_t M, int64_t N, int64_t stride_x, int64_t stride_y, int act,
+         double negative_slope, int dtype, ptr_t stream) {
+        const dlh::ActivationFwdArgs args{x, y, M, N, stride_x, stride_y, act,
+                                          static_cast<float>(negative_slope), dtype, stream};
+        py::gil_scoped_release no_gil;
+        dlh::activation_fwd(args);
+      },
+      py::arg("x"), py::arg("y"), py::arg("M"), py::arg("N"), py::arg("stride_x"), py::arg("stride_y"),
+      py::arg("act"), py::arg("negative_slope"), py::arg("dtype"), py::arg("stream"),
+      "y = f(x) over the M rows of x (f: act 0 silu, 1 relu, 2 leaky_relu), rounded to x's dtype.");
+
+  m.def(
+      "activation_bwd",
+      [](ptr_t dy, ptr_t x, ptr_t dx, int64_t M, int64_t N, int64_t stride_dy, int64_t stride_x,
+         int64_t stride_dx, int act, double negative_slope, int dtype, ptr_t stream) {
+        const dlh::ActivationBwdArgs args{dy, x, dx, M, N, stride_dy, stride_x, stride_dx, act,
+                                          static_cast<float>(negative_slope), dtype, stream};
+        py::gil_scoped_release no_gil;
+        dlh::activation_bwd(args);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("dx"), py::arg("M"), py::arg("N"), py::arg("stride_dy"),
+      py::arg("stride_x"), py::arg("stride_dx"), py::arg("act"), py::arg("negative_slope"), py::arg("dtype"),
+      py::arg("stream"), "Backward of activation_fwd: dx = dy * f'(x), recomputed from x.");
+
+  m.def(
+      "gated_fwd",
+      [](ptr_t gate, ptr_t up, ptr_t y, int64_t M, int64_t N, int64_t stride_gate, int64_t stride_up,
+         int64_t stride_y, int act, int dtype, ptr_t stream) {
+        const dlh::GatedFwdArgs args{gate, up, y, M, N, stride_gate, stride_up, stride_y, act, dtype, stream};
+        py::gil_scoped_release no_gil;
+        dlh::gated_fwd(args);
+      },
+      py::arg("gate"), py::arg("up"), py::arg("y"), py::arg("M"), py::arg("N"), py::arg("stride_gate"),
+      py::arg("stride_up"), py::arg("stride_y"), py::arg("act"), py::arg("dtype"), py::arg("stream"),
+      "y = a(gate) * up (a: act 0 silu, 1 gelu, 2 gelu tanh); gate and up may be the two halves of one row.");
+
+  m.def(
+      "gated_bwd",
+      [](ptr_t dy, ptr_t gate, ptr_t up, ptr_t dgate, ptr_t dup, int64_t M, int64_t N, int64_t stride_dy,
+         int64_t stride_gate, int64_t stride_up, int64_t stride_dgate, int64_t stride_dup, int act, int dtype,
+         ptr_t stream) {
+        const dlh::GatedBwdArgs args{dy,        gate,         up,         dgate, dup,   M,     N,
+                                     stride_dy, stride_gate,  stride_up,  stride_dgate, stride_dup,
+                                     act,       dtype,        stream};
+        py::gil_scoped_release no_gil;
+        dlh::gated_bwd(args);
+      },
+      py::arg("dy"), py::arg("gate"), py::arg("up"), py::arg("dgate"), py::arg("dup"), py::arg("M"), py::arg("N"),
+      py::arg("stride_dy"), py::arg("stride_gate"), py::arg("stride_up"), py::arg("stride_dgate"),
+      py::arg("stride_dup"), py::arg("act"), py::arg("dtype"), py::arg("stream"),
+      "Backward of gated_fwd: dgate = dy * up * a'(gate), dup = dy * a(gate).");
+
+  // ---- linear.cu ----------------------------------------------------------------------------------
+  // y = act(x @ w^T + bias) (activation codes as conv2d_fwd's), or with dy: y = dy * act'(z), the
+  // backward's dz. fp16/bf16 on tensor cores (mma.sync, sm_80+), fp32 on CUDA cores (no TF32).
+  m.def(
+      "linear_fwd",
+      [](ptr_t x, ptr_t w, ptr_t bias, ptr_t dy, ptr_t y, int64_t M, int64_t N, int64_t K, int64_t stride_x,
+         int64_t stride_w, int64_t stride_dy, int64_t stride_y, bool w_k_contiguous, int activation,
+         double negative_slope, int dtype, ptr_t stream) {
+        const dlh::LinearArgs args{x,        w,        bias,     dy,       y,
+                                   M,        N,        K,        stride_x, stride_w,
+                                   stride_dy, stride_y, w_k_contiguous, activation,
+                                   static_cast<float>(negative_slope), dtype, stream};
+        py::gil_scoped_release no_gil;
+        dlh::linear_fwd(args);
+      },
+      py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("dy"), py::arg("y"), py::arg("M"), py::arg("N"),
+      py::arg("K"), py::arg("stride_x"), py::arg("stride_w"), py::arg("stride_dy"), py::arg("stride_y"),
+      py::arg("w_k_contiguous"), py::arg("activation"), py::arg("negative_slope"), py::arg("dtype"),
+      py::arg("stream"),
+      "y = act(x @ w^T + bias), or dy * act'(x @ w^T + bias) when dy is given: x (M, K) rows (row stride\n"
+      "stride_x), w (N, K) with w[n*stride_w + k] (w_k_contiguous) or w[k*stride_w + n], y and dy (M, N)\n"
+      "rows; one dtype (0 fp32, 1 fp16, 2 bf16); bias (N,) and dy optional (0).");
+
+  // ---- rotary.cu ----------------------------------------------------------------------------------
+  m.def(
+      "rotary",
+      [](ptr_t q, ptr_t k, ptr_t q_out, ptr_t k_out, ptr_t cos, ptr_t sin, int64_t B, int64_t Hq, int64_t Hk,
+         int64_t S, int64_t D, int64_t R, py::sequence strides, bool interleaved, bool backward, int dtype,
+         int cs_dtype, ptr_t stream) {
+        dlh::check_arg(py::len(strides) == 16, "rotary",
+                       "strides must hold 16 values (q, k, q_out, k_out: 3 each; cos, sin: 2 each)");
+        dlh::RotaryArgs args{q, k, q_out, k_out, cos, sin, B, Hq, Hk, S, D, R, {},
+                             interleaved, backward, dtype, cs_dtype, stream};
+        for (int i = 0; i < 16; ++i) args.strides[i] = strides[i].cast<int64_t>();
+        py::gil_scoped_release no_gil;
+        dlh::rotary(args);
+      },
+      py::arg("q"), py::arg("k"), py::arg("q_out"), py::arg("k_out"), py::arg("cos"), py::arg("sin"), py::arg("B"),
+      py::arg("Hq"), py::arg("Hk"), py::arg("S"), py::arg("D"), py::arg("R"), py::arg("strides"),
+      py::arg("interleaved"), py::arg("backward"), py::arg("dtype"), py::arg("cs_dtype"), py::arg("stream"),
+      "Rotary embedding of q (B, Hq, S, D) and k (B, Hk, S, D; 0 and Hk = 0 when absent) in one launch:\n"
+      "the first R elements of each row rotate by cos/sin (B or 1, S or 1, R), the rest pass through;\n"
+      "interleaved: GPT-J pairs (2i, 2i+1), else (i, i + R/2); backward: the transpose (dy -> dx).");
 }

@@ -214,6 +214,77 @@ bool attention_head_dim_supported(int64_t D, bool backward);
 void attention_fwd(const AttentionFwdArgs& args);
 void attention_bwd(const AttentionBwdArgs& args);
 
+// rotary.cu: rotary position embedding of q (B, Hq, S, D) and k (B, Hk, S, D; 0/Hk = 0 when
+// absent) in one launch: the first R (even, <= D) elements of each row rotate by cos/sin
+// (B or 1, S or 1, R), the rest pass through to q_out/k_out. interleaved: pairs (2i, 2i+1)
+// (GPT-J), else (i, i + R/2) (LLaMA). backward: the transpose (dy in, dx out). strides: (batch,
+// head, seq) of q, k, q_out, k_out (3 each, unit stride on D), then (batch, seq) of cos and sin
+// (0 for a broadcast dim). dtype: q/k; cs_dtype: cos/sin, float32 or dtype (rounded to dtype).
+struct RotaryArgs {
+  std::uintptr_t q, k, q_out, k_out, cos, sin;
+  int64_t B, Hq, Hk, S, D, R;
+  int64_t strides[16];
+  bool interleaved, backward;
+  int dtype, cs_dtype;
+  std::uintptr_t stream;
+};
+void rotary(const RotaryArgs& args);
+
+// linear.cu: y = act(x @ w^T + bias) (activation codes as conv2d.cu's), or, with dy, the
+// backward's y = dy * act'(x @ w^T + bias). x (M, K) rows with row stride stride_x (unit column
+// stride); w (N, K): w_k_contiguous = true: w[n * stride_w + k] (nn.Linear's layout), false:
+// w[k * stride_w + n] (a transposed view, e.g. GPT-2 Conv1D's weight.t()); y, dy (M, N) rows.
+// One dtype for x, w, bias (N,) (0: none), dy and y.
+struct LinearArgs {
+  std::uintptr_t x, w, bias, dy, y;
+  int64_t M, N, K, stride_x, stride_w, stride_dy, stride_y;
+  bool w_k_contiguous;
+  int activation;
+  float negative_slope;
+  int dtype;
+  std::uintptr_t stream;
+};
+void linear_fwd(const LinearArgs& args);
+
+// activation.cu: pointwise activations y = f(x), act 0 silu, 1 relu, 2 leaky_relu(negative_slope),
+// and gated ones y = a(gate) * up, act 0 silu (SwiGLU), 1 gelu (erf), 2 gelu (tanh); forward and
+// backward (dx = dy * f'(x); dgate = dy * up * a'(gate), dup = dy * a(gate)). Every tensor an
+// (M, N) row view with its own row stride (elements); outputs may be their input (in place).
+struct ActivationFwdArgs {
+  std::uintptr_t x, y;
+  int64_t M, N, stride_x, stride_y;
+  int act;
+  float negative_slope;
+  int dtype;
+  std::uintptr_t stream;
+};
+struct ActivationBwdArgs {
+  std::uintptr_t dy, x, dx;
+  int64_t M, N, stride_dy, stride_x, stride_dx;
+  int act;
+  float negative_slope;
+  int dtype;
+  std::uintptr_t stream;
+};
+struct GatedFwdArgs {
+  std::uintptr_t gate, up, y;
+  int64_t M, N, stride_gate, stride_up, stride_y;
+  int act;
+  int dtype;
+  std::uintptr_t stream;
+};
+struct GatedBwdArgs {
+  std::uintptr_t dy, gate, up, dgate, dup;
+  int64_t M, N, stride_dy, stride_gate, stride_up, stride_dgate, stride_dup;
+  int act;
+  int dtype;
+  std::uintptr_t stream;
+};
+void activation_fwd(const ActivationFwdArgs& args);
+void activation_bwd(const ActivationBwdArgs& args);
+void gated_fwd(const GatedFwdArgs& args);
+void gated_bwd(const GatedBwdArgs& args);
+
 }  // namespace dlh
 
 #ifdef __CUDACC__

@@ -90,7 +90,7 @@ constexpr int kDirectThreads = 256;
 #endif
 constexpr int kMaxGridYZ = DLH_TEST_CONV_MAX_GRID_YZ;
 
-enum Activation : int { kNone = 0, kRelu = 1, kSilu = 2, kGelu = 3, kGeluTanh = 4, kLeakyRelu = 5 };
+enum Activation : int { kNone = 0, kRelu = 1, kSilu = 2, kGelu = 3, kGeluTanh = 4, kLeakyRelu = 5, kTanh = 6, kSigmoid = 7 };
 
 constexpr float kSqrt1_2 = 0.70710678118654752f;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
@@ -107,6 +107,8 @@ __device__ __forceinline__ float activate(float v, int act, float slope) {
       return v / (1.f + expf(-2.f * u));  // 0.5*(1 + tanh(u)) == sigmoid(2u)
     }
     case kLeakyRelu: return v < 0.f ? v * slope : v;
+    case kTanh: return tanhf(v);
+    case kSigmoid: return 1.f / (1.f + expf(-v));
     default: return v;
   }
 }
@@ -398,8 +400,9 @@ void launch_direct(const ConvParams& p, cudaStream_t stream) {
 void conv2d_fwd(const Conv2dFwdArgs& a) {
   const char* fn = "conv2d_fwd";
   check_dtype_code(a.dtype, fn, "dtype");
-  check_arg(a.activation >= kNone && a.activation <= kLeakyRelu, fn,
-            "activation must be 0 (none), 1 (relu), 2 (silu), 3 (gelu), 4 (gelu_tanh) or 5 (leaky_relu), got " +
+  check_arg(a.activation >= kNone && a.activation <= kSigmoid, fn,
+            "activation must be 0 (none), 1 (relu), 2 (silu), 3 (gelu), 4 (gelu_tanh), 5 (leaky_relu), "
+            "6 (tanh) or 7 (sigmoid), got " +
                 std::to_string(a.activation));
   check_dim(fn, "N", a.N, 0);
   check_dim(fn, "H", a.H, 1);

@@ -67,6 +67,29 @@ def _run_gelu(op: str, case, dtype, backend: str, device):
     return _errors(out, DF.linear_gelu(x, w, backend="torch"), gelus.linear_gelu_reference(x.double(), w.double()))
 
 
+def _run_activation(op: str, case, dtype, backend: str, device):
+    from . import functional as DF
+    from .ops import activation as acts
+    shape, form = case
+    g = _generator()
+    x = (torch.randn(shape, generator=g) * 2 + 0.3).to(dtype)
+    if op in ("silu", "relu", "leaky_relu"):
+        act, slope = {"silu": (acts.SILU, 0.0), "relu": (acts.RELU, 0.0), "leaky_relu": (acts.LEAKY_RELU, 0.2)}[op]
+        kw = dict(negative_slope=slope) if op == "leaky_relu" else {}
+        fn = getattr(DF, op)
+        out = fn(x.to(device), **kw, backend=backend)
+        return _errors(out, fn(x, **kw, backend="torch"), acts.unary_reference(x.double(), act, slope))
+    # gated: form "fused" is the one-tensor gate_up_proj call (up=None), "halves" its two views
+    kw = dict(approximate="tanh") if op == "gated_gelu" else {}
+    fn = getattr(DF, op)
+
+    def call(t, be):
+        return fn(t, **kw, backend=be) if form == "fused" else fn(*t.chunk(2, -1), **kw, backend=be)
+    gate, up = x.double().chunk(2, -1)
+    act = acts.GATED_SILU if op == "swiglu" else acts.GATED_GELU_TANH
+    return _errors(call(x.to(device), backend), call(x, "torch"), acts.gate_reference(gate, act) * up)
+
+
 def _run_attention(op: str, case, dtype, backend: str, device):
     from . import functional as DF
     from .ops.attention import attention_reference
@@ -137,6 +160,40 @@ def _run_conv2d(op: str, case, dtype, backend: str, device):
     return _errors(out, eager, ref)
 
 
+
+def _run_linear(op: str, case, dtype, backend: str, device):
+    from . import functional as DF
+    from .ops.linear import linear_reference
+    shape, n, activation, transposed = case
+    g = _generator()
+    x = (torch.randn(shape, generator=g) * 2 + 0.3).to(dtype)
+    w = (torch.randn(n, shape[-1], generator=g) * shape[-1] ** -0.5).to(dtype)
+    if transposed:  # GPT-2 Conv1D's (in, out) buffer, handed in as weight.t()
+        w = w.t().contiguous().t()
+    b = (torch.randn(n, generator=g) * 0.5).to(dtype)
+    out = DF.linear(x.to(device), w.to(device), b.to(device), activation=activation, backend=backend)
+    eager = DF.linear(x, w, b, activation=activation, backend="torch")
+    return _errors(out, eager, linear_reference(x.double(), w.double(), b.double(), activation))
+
+def _run_rotary(op: str, case, dtype, backend: str, device):
+    from . import functional as DF
+    from .ops.rotary import rotary_reference
+    (B, Hq, S, D), Hk, R, interleaved = case
+    g = _generator()
+    q, k = torch.randn(B, Hq, S, D, generator=g).to(dtype), torch.randn(B, Hk, S, D, generator=g).to(dtype)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, R, 2, dtype=torch.float64) / R)
+    freqs = torch.arange(S, dtype=torch.float64)[:, None] * inv_freq
+    emb = (freqs.repeat_interleave(2, -1) if interleaved else torch.cat([freqs, freqs], -1))[None]
+    cos, sin = emb.cos().float(), emb.sin().float()  # fp32 tables, rounded to q's dtype by the op
+    kw = dict(interleaved=interleaved)
+    out = DF.rotary_embedding(q.to(device), k.to(device), cos.to(device), sin.to(device), backend=backend, **kw)
+    eager = DF.rotary_embedding(q, k, cos, sin, backend="torch", **kw)
+    c, s = cos.to(dtype).double(), sin.to(dtype).double()
+    ref = [rotary_reference(x.double(), c, s, interleaved) for x in (q, k)]
+    return _errors(torch.cat([o.flatten() for o in out]), torch.cat([e.flatten() for e in eager]),
+                   torch.cat([r.flatten() for r in ref]))
+
+
 _CHECKS = {
     "layer_norm": (_run_norm, _NORM_CASES, [((4, 131072), (131072,))]),
     "rms_norm": (_run_norm, _NORM_CASES, [((4, 131072), (131072,))]),
@@ -144,7 +201,16 @@ _CHECKS = {
     "add_rms_norm": (_run_norm, _NORM_CASES[:1], [((4, 131072), (131072,))]),
     "gelu": (_run_gelu, [((17, 1000),)], [((4096, 3072),)]),
     "geglu": (_run_gelu, [((17, 1000),)], [((4096, 6144),)]),
+    # (shape, form): odd widths; on GPU an LLaMA-7B MLP activation (11008) of 4096 tokens
+    "silu": (_run_activation, [((17, 1000), None)], [((4096, 11008), None)]),
+    "relu": (_run_activation, [((17, 1000), None)], [((4096, 11008), None)]),
+    "leaky_relu": (_run_activation, [((17, 1000), None)], [((4096, 11008), None)]),
+    "swiglu": (_run_activation, [((17, 2002), "fused"), ((17, 2002), "halves")], [((4096, 22016), "fused")]),
+    "gated_gelu": (_run_activation, [((17, 2002), "fused"), ((17, 2002), "halves")], [((4096, 22016), "halves")]),
     "linear_gelu": (_run_gelu, [((17, 96),)], [((4096, 1024),)]),
+    # ((..., K), N, activation, transposed weight view): odd sizes; on GPU GPT-2's c_fc (Conv1D)
+    "linear": (_run_linear, [((17, 96), 33, "silu", False), ((3, 5, 40), 24, "gelu_tanh", True)],
+               [((4096, 768), 3072, "gelu_tanh", True), ((4096, 1024), 1024, "relu", False)]),
     # ((B, H, L, D), S, is_causal): ragged lengths, head dims 40 and 80 (not powers of two)
     "scaled_dot_product_attention": (_run_attention, [((2, 2, 37, 40), 45, False), ((1, 2, 33, 80), 21, True)],
                                      [((4, 16, 1024, 64), 1024, True), ((2, 8, 2048, 128), 2048, False)]),
@@ -160,6 +226,10 @@ _CHECKS = {
     # seed CNN's second layer, a strided grouped one; on GPU ResNet-50's 3x3 and its stem
     "conv2d": (_run_conv2d, [((1, 16, 14, 14), (32, 5, 5), 1, 2, 1, True), ((2, 6, 9, 7), (6, 3, 3), 2, 1, 3, False)],
                [((8, 64, 56, 56), (64, 3, 3), 1, 1, 1, True), ((8, 3, 224, 224), (64, 7, 7), 2, 3, 1, False)]),
+    # ((B, Hq, S, D), Hk, rotary_dim, interleaved): GQA LLaMA-style at a prime seq; Phi-2's partial
+    # interleaved-free 80/32; on GPU LLaMA-2-7B's prefill (32 heads of 128) and a GQA 8:1 one
+    "rotary_embedding": (_run_rotary, [((2, 4, 7, 64), 2, 64, False), ((1, 5, 9, 80), 1, 32, True)],
+                         [((4, 32, 2048, 128), 32, 128, False), ((2, 64, 4096, 128), 8, 128, False)]),
 }
 
 

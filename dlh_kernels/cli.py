@@ -44,6 +44,40 @@ def _check(args) -> int:
     return 1 if failed else 0
 
 
+def _coverage(args) -> int:
+    """`dlh coverage [model ...]`: per model, the hot-spot calls of one forward that run through
+    a dlh op before and after `dlh.patch`, and every miss with the report's reason."""
+    import warnings
+
+    import dlh_kernels as dlh
+    from dlh_kernels import coverage
+    names = args.models or list(coverage.TINY) + list(_model_names())
+    rows, misses = [], []
+    for name in names:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model, run = coverage.build_tiny(name)
+        except ImportError as exc:  # transformers / diffusers not installed
+            rows.append((name, "-", "-", "-", f"skipped: {exc}"))
+            continue
+        before = coverage.measure(model, run)
+        dlh.patch(model, backend=args.backend)
+        after = coverage.measure(model, run)
+        kinds = ", ".join(f"{k} {d}/{t}" for k, (d, t) in after.counts().items())
+        rows.append((name, str(after.total), f"{before.dlh}", f"{after.dlh} ({100 * after.fraction:.0f}%)", kinds))
+        misses += [(name, *m) for m in after.misses()]
+    header = ("model", "hot-spot calls", "dlh before", "dlh after patch", "per kind (dlh/total)")
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
+    for r in (header, tuple("-" * w for w in widths), *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    if misses:
+        print("\nmissed (model, module, type, kind: why):")
+        for name, path, cls, kind, why in misses:
+            print(f"  {name}: {path or '<model>'} {cls} ({kind}): {why}")
+    return 0
+
+
 def _model_names() -> tuple:
     try:
         from dlh_kernels import models
@@ -145,6 +179,11 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="*")
     p.set_defaults(fn=_check)
     sub.add_parser("bench", help="microbenchmarks (dlh bench --help)")
+    p = sub.add_parser("coverage", help="how much of a model's forward dlh.patch puts on dlh ops "
+                                        "(tiny random-init transformers/diffusers models and ours)")
+    p.add_argument("models", nargs="*", help="default: all (see dlh_kernels.coverage.TINY and the reference models)")
+    p.add_argument("--backend", default=None, help="backend of the patched modules (default: auto)")
+    p.set_defaults(fn=_coverage)
     p = sub.add_parser("profile", help="an Nsight-friendly run of one op or model: NVTX ranges, "
                                        "measured steps between cudaProfilerStart/Stop")
     p.add_argument("target", nargs="?", default="layer_norm",

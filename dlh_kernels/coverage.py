@@ -345,13 +345,20 @@ TINY: dict[str, Callable] = {
 }
 
 
+def _cast(value, dtype):
+    if dtype is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
 def build_tiny(name: str):
-    """(model, forward) of one named tiny model: ``forward(model)`` runs it once."""
+    """(model, run) of one named tiny model: ``run(model)`` runs one forward on its example
+    inputs (``run(model, dtype)``: with the floating-point inputs cast to dtype)."""
     if name in TINY:
         model, inputs = TINY[name]()
-        return model, lambda m: m(*inputs)
+        return model, lambda m, dtype=None: m(*(_cast(x, dtype) for x in inputs))
     from . import models
     if name in models.NAMES:
         model, batch = _reference(name)
-        return model, lambda m: models.forward(name, m, batch)
+        return model, lambda m, dtype=None: models.forward(name, m, {k: _cast(v, dtype) for k, v in batch.items()})
     raise ValueError(f"dlh coverage: model must be one of {sorted(TINY) + list(models.NAMES)}, got {name!r}")

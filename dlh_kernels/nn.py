@@ -55,6 +55,8 @@ class GELU(torch.nn.GELU):
     backend: Optional[str] = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _handed_over(self, input):
+            return input
         return DF.gelu(input, self.approximate, backend=self.backend)
 
 
@@ -79,6 +81,36 @@ class LinearGELU(torch.nn.Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", approximate={self.approximate!r}"
+
+
+class Linear(torch.nn.Linear):
+    """`torch.nn.Linear` (same parameters, same state_dict) whose forward is `DF.linear`: the
+    bias and an optional activation in the matmul's epilogue. ``activation`` (None, "relu",
+    "leaky_relu", "silu", "gelu", "gelu_tanh", "tanh", "sigmoid"), ``negative_slope`` (leaky_relu's) and
+    ``backend`` are attributes, not part of the state_dict.
+    """
+    backend: Optional[str] = None
+    activation: Optional[str] = None
+    negative_slope: float = 0.01
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None, *, activation: Optional[str] = None, negative_slope: float = 0.01,
+                 backend: Optional[str] = None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        from .ops.linear import ACTIVATIONS
+        if not isinstance(activation, (str, type(None))) or activation not in ACTIVATIONS:
+            raise ValueError(f"dlh.nn.Linear: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        self.activation, self.negative_slope, self.backend = activation, negative_slope, backend
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return DF.linear(input, self.weight, self.bias, activation=self.activation,
+                         negative_slope=self.negative_slope, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        extra = f", activation={self.activation!r}" if self.activation is not None else ""
+        if self.activation == "leaky_relu":
+            extra += f", negative_slope={self.negative_slope}"
+        return super().extra_repr() + extra
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -164,7 +196,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
 class Conv2d(torch.nn.Conv2d):
     """`torch.nn.Conv2d` on dlh kernels (same parameters, same state_dict), with the keyword-only
-    ``activation`` (None, "relu", "silu", "gelu", "gelu_tanh", "leaky_relu"; and
+    ``activation`` (None, "relu", "silu", "gelu", "gelu_tanh", "leaky_relu", "tanh", "sigmoid"; and
     ``negative_slope``) fused into the convolution's epilogue; neither is part of the state_dict.
 
     Only ``padding_mode="zeros"`` runs our kernel. The other padding modes ("reflect",
@@ -202,4 +234,91 @@ class Conv2d(torch.nn.Conv2d):
         return super().extra_repr() + extra
 
 
-__all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "GELU", "LinearGELU", "Conv2d", "MultiheadAttention"]
+__all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "GELU", "LinearGELU", "Linear", "Conv2d", "MultiheadAttention"]
+
+
+def _handed_over(module: torch.nn.Module, input: torch.Tensor) -> bool:
+    """True (once) when `input` is the output of the norm or linear that fused this activation
+    into its own kernel (`dlh.patch` inside a block's forward: diffusers' ResnetBlock2D, BERT's
+    pooler; see dlh_kernels.patch): the work is done, the activation must pass it through."""
+    pending = module.__dict__.get("_dlh_pending")
+    if pending is None or pending() is not input:
+        return False
+    module.__dict__["_dlh_pending"] = None
+    from . import _op
+    if _op.observer is not None:
+        with _op.observer("fused"):
+            pass
+    return True
+
+
+class SiLU(torch.nn.SiLU):
+    backend: Optional[str] = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _handed_over(self, input):
+            return input
+        out = DF.silu(input, backend=self.backend)
+        return input.copy_(out) if self.inplace else out
+
+
+class ReLU(torch.nn.ReLU):
+    backend: Optional[str] = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _handed_over(self, input):
+            return input
+        out = DF.relu(input, backend=self.backend)
+        return input.copy_(out) if self.inplace else out
+
+
+class LeakyReLU(torch.nn.LeakyReLU):
+    backend: Optional[str] = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _handed_over(self, input):
+            return input
+        out = DF.leaky_relu(input, self.negative_slope, backend=self.backend)
+        return input.copy_(out) if self.inplace else out
+
+
+class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
+    """`torch.nn.TransformerEncoderLayer` that always takes the module path (never torch's fused
+    fast path, which in eval under no_grad would run none of the swapped norms or attention),
+    with linear1 + activation as one `DF.linear` (ReLU or GELU in the matmul's epilogue).
+    Same parameters, same state_dict; `dlh.patch` swaps its attention and norms as usual."""
+    backend: Optional[str] = None
+    _dlh_counts_ops = True  # `dlh.coverage`: its DF.linear is the feed-forward's activation
+
+    def forward(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
+                src_key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        src_key_padding_mask = F._canonical_mask(
+            mask=src_key_padding_mask, mask_name="src_key_padding_mask",
+            other_type=F._none_or_dtype(src_mask), other_name="src_mask", target_type=src.dtype)
+        src_mask = F._canonical_mask(mask=src_mask, mask_name="src_mask", other_type=None,
+                                     other_name="", target_type=src.dtype, check_other=False)
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+            x = self.norm2(x + self._ff_block(x))
+        return x
+
+    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
+        act = _activation_name(self.activation)
+        if act is None:
+            return super()._ff_block(x)
+        h = DF.linear(x, self.linear1.weight, self.linear1.bias, activation=act, backend=self.backend)
+        return self.dropout2(self.linear2(self.dropout(h)))
+
+
+def _activation_name(activation) -> Optional[str]:
+    if activation is F.relu or type(activation) is torch.nn.ReLU:
+        return "relu"
+    if activation is F.gelu or (type(activation) is torch.nn.GELU and activation.approximate == "none"):
+        return "gelu"
+    if type(activation) is torch.nn.GELU:
+        return "gelu_tanh"
+    return None

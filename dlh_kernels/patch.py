@@ -471,6 +471,27 @@ class _MLPForward:
         return sub[spec.drop_after](h) if spec.drop_after else h
 
 
+class _PassThrough:
+    """An activation of a class dlh has no op for on its own (Tanh, Sigmoid) that passes through
+    the output of the linear it was fused into; anything else runs its own forward."""
+    _dlh_kind = "activation"
+
+    def forward(self, x, *args, **kwargs):
+        if not args and not kwargs and dnn._handed_over(self, x):
+            return x
+        return super().forward(x, *args, **kwargs)
+
+
+class _LinearHandoff(dnn.Linear):
+    """Linear + activation as one DF.linear inside a block's own forward; the output is handed
+    to the activation module (`_HANDOFF`), which passes it through."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = super().forward(input)
+        self.__dict__[_HANDOFF].__dict__["_dlh_pending"] = weakref.ref(out)
+        return out
+
+
 class _GroupNormHandoff(dnn.GroupNorm):
     """GroupNorm + SiLU as one kernel inside a block's own forward: the output is handed to the
     activation module (`_HANDOFF`), which passes that one tensor through (see nn._handed_over)."""
@@ -545,6 +566,15 @@ def _handoff_pairs(module: torch.nn.Module) -> list:
                 and second[0] == first[0] and uses.get(first[1]) == 1):
             pairs.append((first[1], second[1]))
     return pairs
+
+
+def _handoff_target(block, act_name: str, backend):
+    """The activation module of a handoff, made able to pass the fused output through: dlh's
+    activations and recognised ones already are; others (Tanh, Sigmoid) get `_PassThrough`."""
+    act = block._modules[act_name]
+    if _coverage.is_dlh_class(type(act)):
+        return act
+    return _swap(block, act_name, _subclass(type(act), _PassThrough), {"backend": backend})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -863,26 +893,44 @@ def patch(model: torch.nn.Module, *, ops: Optional[Iterable[str]] = None,
                 replaced(f"{prefix}{act_name}", type(act).__name__, f"nn.Identity (fused into {qual})", family)
 
     def handoffs(block: torch.nn.Module, qual: str) -> None:
-        """GroupNorm + SiLU fused inside the block's own forward (after its children are done)."""
-        if "group_norm" not in wanted or not block._modules:
+        """GroupNorm + SiLU and Linear + activation fused inside the block's own forward (after
+        its children are done), where its source proves the pair."""
+        if not block._modules:
             return
-        for norm_name, act_name in _handoff_pairs(block):
-            norm, act = block._modules.get(norm_name), block._modules.get(act_name)
-            norm_ok = type(norm) in (torch.nn.GroupNorm, dnn.GroupNorm) and getattr(norm, "activation", None) is None
-            act_ok = type(act) in (torch.nn.SiLU, dnn.SiLU) and not act.inplace
-            if not (norm_ok and act_ok) or sum(m is norm for m in model.modules()) != 1:
+        for first_name, act_name in _handoff_pairs(block):
+            first, act = block._modules.get(first_name), block._modules.get(act_name)
+            if first is None or act is None or sum(m is first for m in model.modules()) != 1:
                 continue
-            if type(norm) is torch.nn.GroupNorm and not dry_run:
-                continue  # the norm was left (a reason is in the report)
-            path = f"{qual}.{norm_name}" if qual else norm_name
+            path = f"{qual}.{first_name}" if qual else first_name
+            if type(first) in (torch.nn.GroupNorm, dnn.GroupNorm):
+                if ("group_norm" not in wanted or getattr(first, "activation", None) is not None
+                        or type(act) not in (torch.nn.SiLU, dnn.SiLU) or act.inplace
+                        or (type(first) is torch.nn.GroupNorm and not dry_run)):
+                    continue  # (an un-swapped norm was left: its reason is in the report)
+                new_cls, attrs = _GroupNormHandoff, {"activation": "silu"}
+                to = "dlh.nn.GroupNorm(activation='silu')"
+                family = "group_norm"
+            elif type(first) is torch.nn.Linear:
+                spec = _recognize.recognise_activation(act)
+                if (spec is None or spec.inplace or spec.name not in _supported_linear_acts()
+                        or "linear" not in wanted or _coverage.kind_of(act) != "activation"):
+                    continue
+                new_cls, family = _LinearHandoff, "linear"
+                attrs = {"activation": spec.name, "negative_slope": spec.negative_slope, "backend": backend}
+                to = f"dlh.nn.Linear(activation={spec.name!r})"
+            else:
+                continue
+            to += f", its output handed to {act_name} (proven from {type(block).__name__}.forward's source)"
             if not dry_run:
-                norm.__class__ = _GroupNormHandoff
-                norm.__dict__["activation"] = "silu"
-                norm.__dict__[_HANDOFF] = act
-            to = (f"dlh.nn.GroupNorm(activation='silu'), its output handed to {act_name} "
-                  f"(proven from {type(block).__name__}.forward's source)")
+                if isinstance(first, torch.nn.GroupNorm):
+                    first.__class__ = new_cls  # already a dlh.nn.GroupNorm: same state, one more step
+                    first.__dict__.update(attrs)
+                else:
+                    first = _swap(block, first_name, new_cls, attrs)
+                act = _handoff_target(block, act_name, backend)
+                first.__dict__[_HANDOFF] = act
             report.replaced = [r for r in report.replaced if r.path != path]
-            replaced(path, "GroupNorm", to, "group_norm")
+            replaced(path, "GroupNorm" if family == "group_norm" else "Linear", to, family)
 
     def attend(module, qual: str) -> None:
         if _SDPA not in wanted:

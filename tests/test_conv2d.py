@@ -19,7 +19,7 @@ from conftest import DEVICE, DTYPES, assert_close, assert_grids_fit, backend_par
 
 BACKENDS = [backend_param(b) for b in ("torch", "triton", "cuda")]
 KERNEL_BACKENDS = [backend_param(b) for b in ("triton", "cuda")]
-ACTIVATIONS = [None, "relu", "silu", "gelu", "gelu_tanh", "leaky_relu"]
+ACTIVATIONS = [None, "relu", "silu", "gelu", "gelu_tanh", "leaky_relu", "tanh", "sigmoid"]
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")  # NaN-filled outputs: unwritten elements fail
 
@@ -211,7 +211,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="padding='same' needs stride 1"):
         DF.conv2d(x, w, stride=2, padding="same", backend="triton")
     with pytest.raises(ValueError, match="activation must be one of"):
-        DF.conv2d(x, w, activation="tanh", backend="triton")
+        DF.conv2d(x, w, activation="softplus", backend="triton")
     with pytest.raises(ValueError, match="bias must have shape"):
         DF.conv2d(x, w, torch.randn(4), backend="triton")
     with pytest.raises(TypeError, match="weight dtype"):

@@ -243,7 +243,7 @@ NO_GPU_SCRIPT = textwrap.dedent("""
         print("conv_bad_OW", outcome(C.conv2d_fwd, **{**cv, "stride_w": 2}))
         print("conv_bad_groups", outcome(C.conv2d_fwd, **{**cv, "groups": 3}))
         print("conv_bad_groups_K", outcome(C.conv2d_fwd, **{**cv, "K": 100, "groups": 8}))
-        print("conv_bad_act", outcome(C.conv2d_fwd, **{**cv, "activation": 6}))
+        print("conv_bad_act", outcome(C.conv2d_fwd, **{**cv, "activation": 8}))
         print("conv_bad_dtype", outcome(C.conv2d_fwd, **{**cv, "dtype": 3}))
         print("conv_bad_stride", outcome(C.conv2d_fwd, **{**cv, "stride_h": 0}))
         print("conv_null_x", outcome(C.conv2d_fwd, **{**cv, "x": 0}))

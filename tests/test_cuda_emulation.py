@@ -116,6 +116,16 @@ def test_conv2d_without_its_main_loop_barrier():
     expect_violation("race", B._check_conv2d, B._EmulatedConv2d(lib), torch.device("cpu"), *CONV_CASE)
 
 
+# ---- linear.cu --------------------------------------------------------------------------------------
+def test_linear_without_its_main_loop_barrier():
+    """(c) the barrier at the end of the GEMM's k loop removed (n-contiguous weight: the
+    ldmatrix.trans path): stage kt + 1's cp.async overwrites what other warps read in kt - 1."""
+    import test_linear as L
+    lib = _build("linear.cu", [("linear_fwd", "LinearArgs")], min_launches=2, source=mutated(
+        "linear.cu", "    __syncthreads();  // everyone is done reading `stage` before it is refilled\n", ""))
+    expect_violation("race", L.check_emulated, lib, 37, 40, 96, F16, 2, False)
+
+
 # ---- layer_norm.cu -----------------------------------------------------------------------------------
 def test_layer_norm_backward_reuses_one_reduction_buffer():
     """norm_bwd's per-row block_sum2 always into red[0] instead of alternating: row r + 1's
@@ -185,6 +195,20 @@ def test_group_norm_backward_without_the_barrier_before_channel_sums(monkeypatch
     expect_violation("race", _group_norm_case, monkeypatch, source, GN_SPLIT_CASE)
 
 
+# ---- activation.cu -----------------------------------------------------------------------------------
+def test_activation_vector_path_ignoring_row_strides(monkeypatch):
+    """plan() allowing 16-byte packs whatever the row stride: rows of 303 bf16 (606 bytes) start
+    misaligned from row 1 on; a GPU faults, the CPU just reads them (and the results are right)."""
+    import test_activation as T
+    from dlh_kernels import _ext
+    ext = T.build_emulated(mutated("activation.cu", "(M == 1 || (o.stride * int64_t(sizeof(T))) % 16 == 0)",
+                                   "true"), defines=("-O0",))
+    monkeypatch.setattr(_ext, "ext", lambda: ext)
+    monkeypatch.setattr(_ext, "stream_handle", lambda device: 0)
+    expect_violation("alignment", T.check_unary, "silu", "cuda", (6, 300), BF16, "row_slice",
+                     run=T._unary_via_op("silu"))
+
+
 # ---- diffusion_step.cu -------------------------------------------------------------------------------
 STEP_LAUNCH = "diffusion_step_kernel<T, TableT, true><<<blocks, kThreads, 0, stream>>>(P);"
 
@@ -224,3 +248,15 @@ def test_dynamic_smem_over_48k_needs_the_attribute(monkeypatch):
                                              "  if (bytes > 0) return;\n"))
     message = expect_violation("launch", _attention_forward, A, D=128)
     assert "cudaFuncSetAttribute" in message
+
+
+# ---- rotary.cu ---------------------------------------------------------------------------------------
+def test_rotary_vector_path_without_its_stride_check(monkeypatch):
+    """vectorizable() no longer checks pointers and strides: bf16 rows of D = 32 that start one element
+    past a 16-byte boundary (a sliced view) move as 16-byte packs, which a GPU faults on and a
+    CPU silently forgives (the results stay right)."""
+    import test_rotary as T
+    source = mutated("rotary.cu", "    if (bytes % 16) return false;\n", "")
+    source = source.replace("    if (p % 16) return false;\n", "", 1)
+    T.emulated_rotary_glue(monkeypatch, source, build=lambda *a, **kw: _build(*a, **kw))
+    expect_violation("alignment", T.run_emulated_case, 1, 2, 1, 2, 32, 32, BF16, BF16, False, 2, "offset")

@@ -171,7 +171,7 @@ def shared_memory_estimate(kernel_name: str, named_args: dict, meta: dict,
         return attention_shared_bytes(kernel, _elem(named_args["Q"]), mask_elem, meta["BLOCK_M"],
                                       meta["BLOCK_N"], meta["BLOCK_D"], meta["BLOCK_DV"], stages, cap,
                                       bool(meta.get("ATOMIC_DQ", False)))
-    if kernel_name == "linear_gelu_kernel":
+    if kernel_name in ("linear_gelu_kernel", "linear_kernel"):
         return matmul_shared_bytes(_elem(named_args["A"]), meta["BLOCK_M"], meta["BLOCK_N"],
                                    meta["BLOCK_K"], stages, cap)
     if kernel_name in ("conv2d_fwd_kernel", "conv2d_bwd_input_kernel", "conv2d_bwd_weight_kernel"):

@@ -60,7 +60,7 @@ from dlh_kernels.triton_kernels.common import fits_shared_memory, gelu_fp32, gel
 
 
 # activation codes, shared with the glue and csrc/conv2d.cu
-ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4, "leaky_relu": 5}
+ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4, "leaky_relu": 5, "tanh": 6, "sigmoid": 7}
 
 
 @triton.jit
@@ -87,6 +87,18 @@ def _epilogue(acc, dy, slope, ACT: tl.constexpr, GRAD: tl.constexpr):
             out = tl.where(acc > 0, dy, dy * slope)
         else:
             out = tl.where(acc > 0, acc, acc * slope)
+    elif ACT == 6:  # tanh(z) = 2 sigmoid(2z) - 1; tanh' = 1 - tanh^2
+        t = 2.0 * tl.sigmoid(2.0 * acc) - 1.0
+        if GRAD:
+            out = dy * (1.0 - t * t)
+        else:
+            out = t
+    elif ACT == 7:  # sigmoid; sigmoid' = s (1 - s)
+        sg = tl.sigmoid(acc)
+        if GRAD:
+            out = dy * sg * (1.0 - sg)
+        else:
+            out = sg
     else:
         if GRAD:
             out = dy

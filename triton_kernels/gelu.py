@@ -31,6 +31,9 @@ Versions:
   summed by torch (deterministic); linear_gelu is the classic grouped-tile tl.dot matmul with
   an autotuned config list on GPU. Checked under the Triton interpreter on CPU against float64
   and compiled for sm_80/sm_90; not yet run or timed on a GPU.
+- v1.1: linear_gelu_kernel's program moves to triton_kernels/linear.py (`linear_tile`, DF.linear's
+  matmul with conv2d's activation epilogue), called here with the GELU: same loop, same epilogue
+  math, same config list; the kernel's name, arguments and autotuner stay.
 """
 from __future__ import annotations
 
@@ -44,7 +47,12 @@ import triton.language as tl
 
 from dlh_kernels._alloc import empty
 from dlh_kernels._cache import persistent_autotune
-from dlh_kernels.triton_kernels.common import fits_shared_memory, gelu_fp32, gelu_grad_fp32, grouped_tile
+from dlh_kernels.triton_kernels.common import fits_shared_memory, gelu_fp32, gelu_grad_fp32
+from dlh_kernels.triton_kernels.linear import (ACTIVATIONS, INTERPRETER_MATMUL_CONFIG, _bucket,  # noqa: F401
+                                               _input_precision, _matmul_configs, linear_tile)
+
+GELU = tl.constexpr(ACTIVATIONS["gelu"])
+GELU_TANH = tl.constexpr(ACTIVATIONS["gelu_tanh"])
 
 # Elements one program of an elementwise kernel handles: 8 KB of bf16 in, enough independent
 # loads per thread (32 with 4 warps) to cover memory latency.
@@ -168,38 +176,10 @@ def linear_gelu_kernel(
     DOT_FP32: tl.constexpr,  # interpreter only: its bf16 tl.dot multiplies raw bits (Triton 3.9)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row tiles share each column tile of W while it is in L2.
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = A + rows[:, None] * stride_am + ks[None, :] * stride_ak
-    w_ptrs = W + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    row_ok = rows < M
-    col_ok = cols < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = ks < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
-
-    # Epilogue: bias and the activation (or its gradient) on the fp32 accumulator, one store.
-    if HAS_BIAS:
-        acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    if GRAD:
-        dy = tl.load(DC + rows[:, None] * stride_dcm + cols[None, :], mask=mask, other=0.0)
-        out = dy.to(tl.float32) * gelu_grad_fp32(acc, TANH)
-    else:
-        out = gelu_fp32(acc, TANH)
-    tl.store(C + rows[:, None] * stride_cm + cols[None, :], out.to(C.dtype.element_ty), mask=mask)
+    # The program is triton_kernels/linear.py's (DF.linear), with the GELU as its activation.
+    linear_tile(A, W, Bias, C, DC, M, N, K, stride_am, stride_ak, stride_wn, stride_wk, stride_cm,
+                stride_dcm, 0.0, GELU_TANH if TANH else GELU, HAS_BIAS, GRAD, INPUT_PRECISION,
+                DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,26 +269,8 @@ def geglu_bwd(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, tanh: bool) -
                            BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
 
 
-# linear_gelu tiles. On GPU the autotuner picks among these per (M, N, K) bucket; the list is the
-# usual Hopper/Ampere set for bf16 (128x128 to 128x256 tiles, 3-4 stages). Under the interpreter
-# (no driver, so no autotuner) one small config runs.
-def _matmul_configs():
-    def cfg(bm, bn, bk, group, warps, stages):
-        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
-                             num_warps=warps, num_stages=stages)
-    return [
-        cfg(128, 256, 64, 8, 8, 3),
-        cfg(256, 128, 64, 8, 8, 3),
-        cfg(128, 128, 64, 8, 8, 4),
-        cfg(128, 128, 64, 8, 4, 4),
-        cfg(128, 64, 64, 8, 4, 4),
-        cfg(64, 128, 64, 8, 4, 4),
-        cfg(128, 128, 32, 8, 4, 4),
-        cfg(64, 64, 64, 8, 4, 4),
-        cfg(64, 32, 32, 8, 4, 5),
-    ]
-
-
+# linear_gelu tiles: the config list (and the interpreter's one config) of DF.linear's kernel,
+# triton_kernels/linear.py, whose program linear_gelu_kernel runs.
 def _prune_matmul(configs, named_args, **kwargs):
     """Drop, before compiling them, the configs whose pipelined (A, W) tiles (common.py's
     estimate: num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K elements) exceed the device's shared
@@ -317,26 +279,12 @@ def _prune_matmul(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-INTERPRETER_MATMUL_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-
-
-def _bucket(n: int) -> int:
-    """Autotune key: the next power of two, so every batch size does not re-tune."""
-    return triton.next_power_of_2(max(1, n))
-
-
 @functools.lru_cache(maxsize=None)
 def _tuned_linear_gelu():
     # choices kept across runs in the dlh cache directory (dlh_kernels/_cache.py)
     return persistent_autotune(
         triton.autotune(configs=_matmul_configs(), key=["M_BUCKET", "N", "K", "GRAD"],
                         prune_configs_by={"early_config_prune": _prune_matmul})(linear_gelu_kernel))
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"  # as F.linear: full fp32 unless the user allowed tf32
-    return "tf32"
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

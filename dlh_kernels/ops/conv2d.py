@@ -23,7 +23,7 @@ from .. import _alloc, _backend, _ext, profiling
 from .._op import KernelOp
 from .gelu import gelu_grad_reference
 
-ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4, "leaky_relu": 5}
+ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4, "leaky_relu": 5, "tanh": 6, "sigmoid": 7}
 _ACT_NAMES = {v: k for k, v in ACTIVATIONS.items()}
 
 
@@ -43,6 +43,10 @@ def activation_reference(z: torch.Tensor, activation: Optional[str], negative_sl
         return F.gelu(z, approximate="tanh")
     if activation == "leaky_relu":
         return F.leaky_relu(z, negative_slope)
+    if activation == "tanh":
+        return torch.tanh(z)
+    if activation == "sigmoid":
+        return torch.sigmoid(z)
     raise ValueError(f"unknown activation {activation!r}")
 
 
@@ -59,6 +63,11 @@ def activation_grad_reference(z: torch.Tensor, activation: Optional[str], negati
         return gelu_grad_reference(z, activation == "gelu_tanh")
     if activation == "leaky_relu":
         return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, negative_slope))
+    if activation == "tanh":
+        return 1 - torch.tanh(z) ** 2
+    if activation == "sigmoid":
+        s = torch.sigmoid(z)
+        return s * (1 - s)
     raise ValueError(f"unknown activation {activation!r}")
 
 
@@ -367,7 +376,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
            negative_slope: float = 0.01, backend: Optional[str] = None) -> torch.Tensor:
     """``act(F.conv2d(input, weight, bias, stride, padding, dilation, groups))``, the bias and
     activation in the GEMM's epilogue. activation: None, "relu", "silu", "gelu", "gelu_tanh",
-    "leaky_relu" (with negative_slope). Output channels_last when the input is, else NCHW.
+    "leaky_relu" (with negative_slope), "tanh", "sigmoid". Output channels_last when the input is, else NCHW.
     The cuda backend's backward runs the Triton backward kernels."""
     unbatched = isinstance(input, torch.Tensor) and input.dim() == 3
     if unbatched:
