@@ -5,7 +5,7 @@
 
 Importing never builds anything, never needs the CUDA extension and never initialises CUDA.
 """
-from . import functional, nn, profiling
+from . import coverage, functional, nn, profiling
 from ._backend import backends, deterministic, get_backend, is_deterministic, set_backend, use_backend
 from .patch import patch, unpatch
 
@@ -27,5 +27,5 @@ def explain(op: str, *args, **kwargs) -> dict:
     return sys.modules[fn.__module__].explain(op, bound.arguments)
 
 
-__all__ = ["backends", "deterministic", "explain", "functional", "get_backend", "is_deterministic",
+__all__ = ["backends", "coverage", "deterministic", "explain", "functional", "get_backend", "is_deterministic",
            "nn", "patch", "profiling", "set_backend", "unpatch", "use_backend"]

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -362,3 +364,14 @@ def build_tiny(name: str):
         model, batch = _reference(name)
         return model, lambda m, dtype=None: models.forward(name, m, {k: _cast(v, dtype) for k, v in batch.items()})
     raise ValueError(f"dlh coverage: model must be one of {sorted(TINY) + list(models.NAMES)}, got {name!r}")
+
+
+class _CallableModule(types.ModuleType):
+    """``dlh.coverage(model, *inputs)`` calls `coverage`; ``dlh.coverage.TINY`` and the rest of
+    this module stay reachable under the same name."""
+
+    def __call__(self, model, *args, **kwargs):
+        return coverage(model, *args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

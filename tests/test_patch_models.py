@@ -487,3 +487,26 @@ def test_patched_llama_trains_under_fsdp2_as_under_ddp(tmp_path):
         losses[mode] = [float(v) for v in line[7:].strip("[]").split(",")]
     assert len(losses["ddp"]) == 3 and losses["ddp"][0] != losses["ddp"][-1]
     assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5)
+
+
+def test_coverage_command(capsys):
+    from dlh_kernels import cli
+    assert cli.main(["coverage", "llama", "gan"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines()[2:] if line.strip()}
+    assert "9 (100%)" in rows["llama"] and "5 (100%)" in rows["gan"], out
+    assert "missed" not in out
+    with pytest.raises(ValueError, match="model must be one of"):
+        C.build_tiny("resnet9000")
+
+
+def test_coverage_lists_misses_with_the_reports_reason():
+    model, run = _build("llama")
+    model.set_attn_implementation("eager")
+    dlh.patch(model, ops={"rms_norm"})
+    cov = C.measure(model, run)
+    assert cov.counts()["norm"] == (5, 5) and cov.counts()["attention"] == (0, 2)
+    misses = {p: why for p, _t, _k, why in cov.misses()}
+    assert misses["model.layers.0.self_attn"] == "attention: excluded by ops="
+    assert "excluded by ops=" in misses["model.layers.0.mlp"]
+    assert "model.layers.0.mlp" in str(cov)
