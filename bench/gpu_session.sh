@@ -62,11 +62,12 @@ if [[ ${1:-} == __checks ]]; then
     SANE=(python3 -m dlh_kernels.bench.sanitize)
 
     # name, command: fastest first (the order they start in)
-    GROUPS_=(diffusion_step gelu layer_norm group_norm memcheck racecheck synccheck conv2d cuda_ext attention autotune)
+    GROUPS_=(diffusion_step gelu activation rotary layer_norm group_norm memcheck racecheck synccheck linear conv2d
+             cuda_ext attention autotune)
     group_cmd() {
         if [[ -n ${DLH_CHECK_STUB:-} ]]; then echo "bash $DLH_CHECK_STUB $1"; return; fi  # tests
         case $1 in
-            diffusion_step | gelu | layer_norm | group_norm)
+            diffusion_step | gelu | activation | rotary | linear | layer_norm | group_norm)
                 echo "${PYTEST[*]} --junitxml=$CHECKS/$1.xml tests/test_$1.py" ;;
             conv2d | attention)
                 echo "${PYTEST[*]} ${XDIST[*]} --junitxml=$CHECKS/$1.xml tests/test_$1.py" ;;

@@ -41,8 +41,8 @@ def _dry_run(tmp_path, *phases, budget=None):
     return proc.stdout, caps
 
 
-CHECK_GROUPS = ["diffusion_step", "gelu", "layer_norm", "group_norm", "memcheck", "racecheck", "synccheck",
-                "conv2d", "cuda_ext", "attention"]
+CHECK_GROUPS = ["diffusion_step", "gelu", "activation", "rotary", "layer_norm", "group_norm", "memcheck",
+                "racecheck", "synccheck", "linear", "conv2d", "cuda_ext", "attention"]
 
 
 @pytest.mark.parametrize("phase, budget, steps", [
