@@ -260,9 +260,12 @@ def _candidate_specs(module, act_name, act):
     children = module._modules
     linears = [n for n, c in children.items() if c is not None and is_linear_like(c)]
     drops = [n for n, c in children.items() if isinstance(c, torch.nn.Dropout)]
-    if len(drops) > 1:
+    if len(drops) > 2:
         return []
-    drop_places = [(None, None)] + ([(drops[0], None), (None, drops[0])] if drops else [])
+    # (dropout before the out linear, dropout on the result): timm's Mlp has one of each
+    drop_places = [(None, None)] + [(d, None) for d in drops] + [(None, d) for d in drops]
+    if len(drops) == 2:
+        drop_places += [(drops[0], drops[1]), (drops[1], drops[0])]
     dims = {n: _linear_dims(children[n]) for n in linears}
     specs = []
     if len(linears) == 1 and act.name in _LINEAR_ACTS:
@@ -302,8 +305,9 @@ def recognise_mlp(module: torch.nn.Module) -> Optional[MLPSpec]:
     w = first.weight
     x = _randn(2, 3, d_in, device=w.device, g=_generator()).to(w.dtype)
     drops = [c for c in children.values() if isinstance(c, torch.nn.Dropout)]
-    # dropout made a visible, deterministic x2 for the probe, so its place is part of the match
-    handles = [d.register_forward_hook(lambda m, i, o: i[0] * 2) for d in drops]
+    # dropout made a visible, deterministic x2 (x3 for a second one) for the probe, so its place
+    # is part of the match
+    handles = [d.register_forward_hook(lambda m, i, o, f=2.0 + k: i[0] * f) for k, d in enumerate(drops)]
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:

@@ -108,15 +108,15 @@ def kind_of(module: torch.nn.Module) -> Optional[str]:
 
 
 def is_mlp_like(module: torch.nn.Module) -> bool:
-    """A module built of linear layers and one activation (module or function attribute), and
-    dropout: an MLP / feed-forward block whatever its class is called."""
+    """A module built of linear layers and one activation module, and dropout (or Identity
+    placeholders, timm's ``norm``): an MLP / feed-forward block whatever its class is called."""
     children = list(module.children())
     if not children or isinstance(module, torch.nn.Sequential):
         return False
     linears = sum(is_linear_like(c) for c in children)
     acts = sum(is_activation_like(c) for c in children)
     others = [c for c in children if not (is_linear_like(c) or is_activation_like(c)
-                                           or isinstance(c, torch.nn.Dropout))]
+                                           or isinstance(c, (torch.nn.Dropout, torch.nn.Identity)))]
     return linears >= 1 and acts == 1 and not others
 
 

@@ -510,3 +510,93 @@ def test_coverage_lists_misses_with_the_reports_reason():
     assert misses["model.layers.0.self_attn"] == "attention: excluded by ops="
     assert "excluded by ops=" in misses["model.layers.0.mlp"]
     assert "model.layers.0.mlp" in str(cov)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm: it needs torchvision, which does not install beside the CPU torch here, so a replica of
+# its ViT block's structure (timm.layers: LayerNorm subclass with its own forward, Mlp with
+# drop1/norm/drop2, Attention calling F.scaled_dot_product_attention, LayerScale).
+
+class _TimmLayerNorm(torch.nn.LayerNorm):
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class _TimmMlp(torch.nn.Module):
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(d, hidden)
+        self.act = torch.nn.GELU()
+        self.drop1 = torch.nn.Dropout(0.0)
+        self.norm = torch.nn.Identity()
+        self.fc2 = torch.nn.Linear(hidden, d)
+        self.drop2 = torch.nn.Dropout(0.0)
+
+    def forward(self, x):
+        x = self.drop1(self.act(self.fc1(x)))
+        return self.drop2(self.fc2(self.norm(x)))
+
+
+class _TimmAttention(torch.nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, d // heads
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.q_norm, self.k_norm = torch.nn.Identity(), torch.nn.Identity()
+        self.proj = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class _LayerScale(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.full((d,), 0.5))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class _TimmBlock(torch.nn.Module):
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.norm1, self.attn, self.ls1 = _TimmLayerNorm(d), _TimmAttention(d, heads), _LayerScale(d)
+        self.norm2, self.mlp, self.ls2 = _TimmLayerNorm(d), _TimmMlp(d, 4 * d), _LayerScale(d)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+@pytest.mark.parametrize("backend", [backend_param("torch"), backend_param("triton")])
+def test_timm_style_block(backend):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(_TimmBlock(), _TimmBlock())
+    x = torch.randn(2, 5, 16)
+    reference = copy.deepcopy(model).double()
+    report = dlh.patch(model, backend=backend)
+    done = {r.path: r.op for r in report.replaced}
+    assert done["0.norm1"] == "layer_norm" and done["0.mlp"] == "linear", str(report)
+    assert [r.path for r in report.routed] == ["0.attn", "1.attn"]
+    out = model(x)
+    torch.testing.assert_close(out.double(), reference(x.double()), rtol=2e-4, atol=2e-4)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert C.coverage(model, x).fraction == 1.0
+
+
+def test_patched_llama_under_torch_compile():
+    model, run = _build("llama")
+    model.eval()
+    with torch.no_grad():
+        wanted = run(model).logits
+    dlh.patch(model, backend="torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(run(compiled).logits, wanted, rtol=1e-5, atol=1e-6)
