@@ -381,11 +381,25 @@ _SUBCLASSES: dict = {}
 
 
 def _subclass(cls, mixin):
+    """The class ``Dlh<cls>``: `mixin`'s forward over `cls` (made once per pair). Its instances
+    pickle as (cls, mixin, state), so `torch.save(model)` of a patched model works and loads
+    (patched) wherever both classes import."""
     key = (cls, mixin)
     if key not in _SUBCLASSES:
         _SUBCLASSES[key] = type(f"Dlh{cls.__name__}", (mixin, cls),
-                                {"__module__": __name__, "__qualname__": f"Dlh{cls.__name__}"})
+                                {"__module__": __name__, "__qualname__": f"Dlh{cls.__name__}",
+                                 "_dlh_base": cls, "_dlh_mixin": mixin, "__reduce_ex__": _reduce_ex})
     return _SUBCLASSES[key]
+
+
+def _reduce_ex(self, protocol):
+    state = {k: v for k, v in self.__dict__.items() if k != "_dlh_pending"}  # a weakref, transient
+    return _rebuild, (type(self)._dlh_base, type(self)._dlh_mixin), state
+
+
+def _rebuild(cls, mixin):
+    new_cls = _subclass(cls, mixin)
+    return new_cls.__new__(new_cls)
 
 
 def _run_activation(spec: "_recognize.ActSpec", x: torch.Tensor, backend) -> torch.Tensor:

@@ -600,3 +600,20 @@ def test_patched_llama_under_torch_compile():
     compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(run(compiled).logits, wanted, rtol=1e-5, atol=1e-6)
+
+
+def test_a_patched_model_pickles_and_copies():
+    import io
+    model, run = _build("llama")
+    wanted = run(model).logits
+    dlh.patch(model, backend="torch")
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded.model.norm) is type(model.model.norm)  # the same Dlh class
+    torch.testing.assert_close(run(loaded).logits, wanted, rtol=1e-5, atol=1e-6)
+    assert C.measure(loaded, run).fraction == 1.0
+    twin = copy.deepcopy(model)
+    assert dlh.unpatch(loaded) == dlh.unpatch(twin) == dlh.unpatch(model)
+    assert type(loaded.model.norm) is type(model.model.norm) is type(twin.model.norm)
