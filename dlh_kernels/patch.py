@@ -857,6 +857,10 @@ def patch(model: torch.nn.Module, *, ops: Optional[Iterable[str]] = None,
                     left(qual, kind, "already a dlh module")
                 walk(child, qual + ".")
                 continue
+            if _is_hf_model(child) and not any(qual.startswith(h) for h in hf_models):
+                # a transformers model inside a model of the user's (a backbone, a wrapper)
+                _hf_attention_switch(child, backend, wanted, dry_run, report, accounted, covered, qual + ".")
+                hf_models.append(qual + ".")
             if _is_diffusers_attention(child):
                 attend(child, qual)
             if type(child) is torch.nn.TransformerEncoderLayer:
@@ -965,8 +969,10 @@ def patch(model: torch.nn.Module, *, ops: Optional[Iterable[str]] = None,
     if isinstance(model, supported) and _ORIGINAL not in model.__dict__:
         left("", type(model).__name__, "the model itself: patch swaps submodules "
              "only (wrap it, e.g. in nn.Sequential)")
+    hf_models = []  # the transformers models switched (or reported), as path prefixes
     if _is_hf_model(model):
         _hf_attention_switch(model, backend, wanted, dry_run, report, accounted, covered)
+        hf_models.append("")
     route(model, "")
     walk(model, "")
     handoffs(model, "")
@@ -976,12 +982,15 @@ def patch(model: torch.nn.Module, *, ops: Optional[Iterable[str]] = None,
     return report
 
 
-def _hf_attention_switch(model, backend, wanted, dry_run, report, accounted, covered):
+def _hf_attention_switch(model, backend, wanted, dry_run, report, accounted, covered, prefix=""):
+    """A transformers model (the patched model, or one inside it at `prefix`) onto the "dlh"
+    attention function, when it runs "sdpa"; its attention modules reported either way."""
     impl = getattr(model.config, "_attn_implementation", None)
     outer = []  # the outermost attention modules
     for n, m in model.named_modules():
         if _coverage.kind_of(m) != "attention":
             continue
+        n = prefix + n
         if not any(n.startswith(o + ".") for o, _ in outer):
             outer.append((n, m))
     if _SDPA not in wanted:
@@ -1050,6 +1059,12 @@ def unpatch(model: torch.nn.Module) -> int:
     """
     count = 0
 
+    def restore_attention(module) -> int:
+        if _ATTN_IMPL not in module.__dict__:
+            return 0
+        module.set_attn_implementation(module.__dict__.pop(_ATTN_IMPL))
+        return 1
+
     def restore_processor(module) -> int:
         original = module.__dict__.pop(_PROCESSOR, None)
         if original is None:
@@ -1068,7 +1083,7 @@ def unpatch(model: torch.nn.Module) -> int:
                 child.__dict__["activation"] = None
             original = child.__dict__.get(_ORIGINAL)
             if original is None:
-                count += _unroute(child) + restore_processor(child)
+                count += _unroute(child) + restore_processor(child) + restore_attention(child)
                 walk(child)
                 continue
             if isinstance(child, torch.nn.Identity) and not isinstance(original, torch.nn.Identity):
@@ -1082,10 +1097,7 @@ def unpatch(model: torch.nn.Module) -> int:
             module._modules[name] = original
             count += 1
 
-    count += _unroute(model)
+    count += _unroute(model) + restore_attention(model)
     walk(model)
-    if _ATTN_IMPL in model.__dict__:
-        model.set_attn_implementation(model.__dict__.pop(_ATTN_IMPL))
-        count += 1
     model.__dict__.pop(_coverage.REPORT_ATTR, None)
     return count

@@ -617,3 +617,17 @@ def test_a_patched_model_pickles_and_copies():
     twin = copy.deepcopy(model)
     assert dlh.unpatch(loaded) == dlh.unpatch(twin) == dlh.unpatch(model)
     assert type(loaded.model.norm) is type(model.model.norm) is type(twin.model.norm)
+
+
+def test_a_transformers_model_inside_a_users_model():
+    backbone, _ = _build("bert")
+    wrapper = torch.nn.Sequential()
+    wrapper.add_module("backbone", backbone)
+    report = dlh.patch(wrapper, backend="torch")
+    assert backbone.config._attn_implementation == "dlh_torch"
+    assert "backbone.encoder.layer.0.attention.self" in {r.path for r in report.routed}
+    ids = torch.randint(0, 64, (2, 7))
+    cov = C.coverage(wrapper, ids)
+    assert cov.fraction == 1.0, str(cov)
+    dlh.unpatch(wrapper)
+    assert backbone.config._attn_implementation == "sdpa"
