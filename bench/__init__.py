@@ -23,8 +23,19 @@ from typing import Optional, Sequence
 
 NO_GPU = """\
 No GPU: this machine has no CUDA device, so `dlh bench` takes no GPU timings and nothing
-below is a GPU result. Instead: the correctness check of every op on every available backend,
-then the host-side CPU cost per call of the torch backend."""
+below is a GPU result. Instead: {instead}."""
+
+
+def _no_gpu_banner(which: tuple[str, ...]) -> str:
+    """NO_GPU naming what `_without_gpu` runs for ``which`` (and nothing it skips)."""
+    parts = []
+    if set(which) - {"overhead", "coldstart", "models"}:
+        parts.append("the correctness check of every op on every available backend")
+    if "coldstart" in which:
+        parts.append("the first-call cost of the ops in fresh processes on the CPU")
+    if set(which) - {"coldstart"}:
+        parts.append("the host-side CPU cost per call of the torch backend")
+    return NO_GPU.format(instead=", then ".join(parts) or "nothing")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,7 +135,7 @@ def _split(text: Optional[str]) -> Optional[tuple[str, ...]]:
 
 
 def _without_gpu(args, which: tuple[str, ...]) -> int:
-    print(NO_GPU, flush=True)
+    print(_no_gpu_banner(which), flush=True)
     rc = 0
     if set(which) - {"overhead", "coldstart", "models"}:
         rc |= _check(args.out)

@@ -46,7 +46,8 @@ from .vae import VAE, VAEConfig
 from .vit import ViT, ViTConfig
 
 NAMES = ("mlp", "cnn", "gpt", "vit", "gan", "vae", "quick_unet", "ddpm_unet")
-SAMPLERS = ("gan", "vae", "quick_unet", "ddpm_unet")
+SAMPLERS = ("gan", "vae", "quick_unet", "ddpm_unet")  # image generators (`sample`)
+CLASSIFIERS = ("mlp", "cnn", "vit")  # `predict`; and the GPT generates text (`generate_text`)
 _MODELS = {
     "mlp": (MLP, MLPConfig), "cnn": (CNN, CNNConfig), "gpt": (GPT, GPTConfig), "vit": (ViT, ViTConfig),
     "gan": (GAN, GANConfig), "vae": (VAE, VAEConfig), "quick_unet": (QuickUNet, QuickUNetConfig),
@@ -411,10 +412,61 @@ def sample(name: str, model: torch.nn.Module, n: int, device="cpu", *, steps: Op
         inner.train(was_training)
 
 
+@torch.no_grad()
+def generate_text(model: torch.nn.Module, prompt: str = "", max_new_tokens: int = 200, *,
+                  temperature: float = 1.0, top_k: Optional[int] = None, n: int = 1,
+                  generator: Optional[torch.Generator] = None) -> list:
+    """n strings from the character-level GPT: ``prompt`` followed by ``max_new_tokens``
+    sampled characters (see ``GPT.generate``; an empty prompt starts from a newline, which is
+    not returned). Characters outside ``data.VOCAB`` in the prompt become ``?``."""
+    inner = unwrap(model)
+    if not isinstance(inner, GPT):
+        raise ValueError(f"generate_text needs the GPT, got {type(inner).__name__}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    device = next(inner.parameters()).device
+    start = prompt or "\n"
+    idx = data.encode(start).to(device).repeat(n, 1)
+    was_training = inner.training
+    inner.eval()
+    try:
+        out = inner.generate(idx, max_new_tokens, temperature, generator=generator, top_k=top_k)
+    finally:
+        inner.train(was_training)
+    skip = 0 if prompt else 1
+    return [data.decode(row[skip:].tolist()) for row in out]
+
+
+@torch.no_grad()
+def predict(name: str, model: torch.nn.Module, x: torch.Tensor) -> tuple:
+    """(predicted class, its probability) per example of a classifier (mlp, cnn, vit)."""
+    if name not in CLASSIFIERS:
+        raise ValueError(f"predict: {name!r} is not a classifier; classifiers are {CLASSIFIERS}")
+    inner = unwrap(model)
+    was_training = inner.training
+    inner.eval()
+    try:
+        dtype = next(inner.parameters()).dtype
+        logits = model(x.to(dtype)).float()
+    finally:
+        inner.train(was_training)
+    if name == "mlp":  # one logit: P(class 1)
+        p1 = torch.sigmoid(logits.reshape(-1))
+        pred = (p1 > 0.5).long()
+        return pred, torch.where(pred == 1, p1, 1 - p1)
+    probs = F.softmax(logits, dim=-1)
+    conf, pred = probs.max(-1)
+    return pred, conf
+
+
 def clone(model: torch.nn.Module) -> torch.nn.Module:
     """A deep copy (for eager-vs-patched comparisons)."""
     return copy.deepcopy(model)
 
 
-__all__ = ["NAMES", "SAMPLERS", "build", "config", "example_batch", "forward", "load_data", "loss",
-           "make_optimizer", "sample", "train_step", "Objective"]
+__all__ = ["NAMES", "SAMPLERS", "CLASSIFIERS", "build", "config", "example_batch", "forward", "load_data", "loss",
+           "make_optimizer", "sample", "generate_text", "predict", "train_step", "Objective"]

@@ -103,10 +103,24 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, new_tokens: int, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append new_tokens characters sampled from the model to idx (B, T)."""
+                 generator: torch.Generator | None = None, top_k: int | None = None) -> torch.Tensor:
+        """Append new_tokens characters sampled from the model to idx (B, T): each from the
+        softmax of the last position's logits / temperature (temperature 0: the most likely
+        character), restricted to the top_k most likely ones when top_k is given. The context
+        is the last block_size characters."""
         for _ in range(new_tokens):
-            logits = self(idx[:, -self.config.block_size:])[:, -1] / temperature
-            nxt = torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=generator)
+            logits = self(idx[:, -self.config.block_size:])[:, -1].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.shape[-1]:
+                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                if generator is not None and generator.device != probs.device:
+                    nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(probs.device)
+                else:
+                    nxt = torch.multinomial(probs, 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx

@@ -75,6 +75,9 @@ def train(name: str, *, steps: int = 200, batch_size: int = 64, device: str = "c
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    check_device(device)  # before anything is built or loaded
+    if patch:
+        check_backend(backend, device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     ddp = world > 1
@@ -125,7 +128,7 @@ def train(name: str, *, steps: int = 200, batch_size: int = 64, device: str = "c
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
-        elif main_rank and progress and (step % log_every == 0 or step == steps):
+        elif main_rank and progress and (step == 1 or step % log_every == 0 or step == steps):
             print(f"step {step}/{steps}  loss {value:.4f}", flush=True)
         history.append({"step": step, "loss": value, "seconds": time.perf_counter() - start})
     if bar is not None:
@@ -177,12 +180,66 @@ def save_run(out, name: str, model: torch.nn.Module, log: dict) -> Path:
 
 
 def load_checkpoint(path, device="cpu") -> tuple:
-    """(name, model) from a checkpoint written by `dlh train`."""
+    """(name, model) from a checkpoint written by `dlh train` (``path``: the file, or the
+    ``--out`` folder holding checkpoint.pt)."""
     from dlh_kernels import models as M
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoint.pt").is_file():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        what = "a folder without checkpoint.pt" if path.is_dir() else "no such file"
+        raise FileNotFoundError(f"{str(path)!r}: {what} (`dlh train <model> --out DIR` writes "
+                                f"DIR/checkpoint.pt)")
+    check_device(device)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{str(path)!r} is not a checkpoint written by `dlh train` "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(ckpt, dict) or not {"name", "config", "state_dict"} <= set(ckpt):
+        raise ValueError(f"{str(path)!r} is not a checkpoint written by `dlh train` (it needs the "
+                         f"keys name, config, state_dict)")
     model = M.build(ckpt["name"], **ckpt["config"])
     model.load_state_dict(ckpt["state_dict"])
     return ckpt["name"], model.to(device)
+
+
+def check_device(device) -> torch.device:
+    """``torch.device(device)``, or a ValueError naming ``--device`` and what this machine has
+    (so that a CPU-only torch says so before any model is built, not deep inside a .to())."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {device!r} is not a device (expected cpu, cuda or cuda:N): {exc}") from None
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"--device {device}: this torch ({torch.__version__}) is built without "
+                             f"CUDA; use --device cpu or install a CUDA build of torch")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA GPU is visible (torch.cuda.is_available() "
+                             f"is False); use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 .. cuda:{count - 1}")
+    elif dev.type != "cpu" and dev.type != "meta":
+        backend = getattr(torch.backends, dev.type, None)
+        if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+            raise ValueError(f"--device {device}: {dev.type} is not available in this torch")
+    return dev
+
+
+def check_backend(backend, device) -> None:
+    """A ValueError naming ``--backend`` when the patched model's backend cannot run on ``device``
+    (e.g. triton on CPU tensors without the Triton interpreter)."""
+    from dlh_kernels import _backend
+    if backend is None or backend == "auto":
+        return
+    if backend not in _backend.BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(_backend._CHOICES)}, got {backend!r}")
+    device_type = torch.device(device).type
+    why = _backend.unavailable_reason(backend, device_type)
+    if why is not None:
+        raise ValueError(f"--backend {backend} cannot run on {device_type}: {why}")
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -236,6 +293,9 @@ def _spawned_rank(rank: int, world: int, port: int, name: str, kwargs: dict) -> 
 def run(args) -> int:
     """`dlh train` / `python -m dlh_kernels.models.train`."""
     kwargs = _kwargs(args)
+    check_device(args.device)  # before spawning processes or building anything
+    if args.patch:
+        check_backend(args.backend, args.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: this process is one rank
         result = train(args.model, **kwargs)
         import torch.distributed as dist
@@ -248,18 +308,36 @@ def run(args) -> int:
         if args.out:
             log = json.loads((Path(args.out) / "log.json").read_text())
             print(f"{args.model}: {nproc} processes, final loss {log['history'][-1]['loss']:.4f}, "
-                  f"ranks in sync: {log['ranks_in_sync']}")
+                  f"ranks in sync: {log['ranks_in_sync']}" + _saved(args.out))
+        else:
+            print(f"{args.model}: {nproc} processes done" + _saved(args.out))
         return 0
     else:
         result = train(args.model, **kwargs)
     if int(os.environ.get("RANK", "0")) == 0:
-        hist = result["history"]
-        k = max(1, min(5, len(hist) // 2))  # mean of the first and of the last k steps
-        first = sum(h["loss"] for h in hist[:k]) / k
-        last = sum(h["loss"] for h in hist[-k:]) / k
-        print(f"{args.model}: {len(hist)} steps in {hist[-1]['seconds']:.1f} s, loss {first:.4f} -> {last:.4f}"
-              + (f"; wrote {args.out}" if args.out else ""))
+        print(summary(args.model, result["history"]) + _saved(args.out))
     return 0
+
+
+def summary(name: str, hist: list) -> str:
+    """The loss at the first and the last step (what the progress bar showed), and, since one
+    step's loss is noisy, the mean of the first and of the last k steps beside them."""
+    first, last = hist[0], hist[-1]
+    text = (f"{name}: {len(hist)} steps in {last['seconds']:.1f} s, loss {first['loss']:.4f} (step 1) "
+            f"-> {last['loss']:.4f} (step {last['step']})")
+    k = min(5, len(hist) // 2)
+    if k > 1:
+        mean_first = sum(h["loss"] for h in hist[:k]) / k
+        mean_last = sum(h["loss"] for h in hist[-k:]) / k
+        text += f"; mean of the first {k} steps {mean_first:.4f}, of the last {k} {mean_last:.4f}"
+    return text
+
+
+def _saved(out) -> str:
+    if out:
+        return f"; wrote {Path(out) / 'loss.csv'}, log.json, checkpoint.pt"
+    return ("\nnothing saved: no --out given (`--out runs/NAME` writes loss.csv, log.json and "
+            "checkpoint.pt, which dlh sample loads)")
 
 
 def main(argv=None) -> int:

@@ -60,9 +60,20 @@ def pytest_configure(config):
     if problem:
         raise pytest.UsageError(problem)
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped cleanly without one)")
+    config.addinivalue_line("markers", "slow: left out of the developer's quick run (-m 'not slow')")
+
+
+# The files that take most of the suite's time on a 2-core CPU (launch-exact compiles, the CUDA
+# emulation's mutation builds, multi-process training, the tuning loop): the quick run
+# `python -m pytest -q tests -m "not slow"` leaves them out; CI runs everything.
+SLOW_FILES = {"test_triton_compile.py", "test_cuda_emulation.py", "test_models_ddp.py", "test_autotune.py",
+              "test_cuda_build.py", "test_cuda_attention.py"}
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
     if HAS_GPU:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -473,6 +473,7 @@ _FSDP_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_patched_llama_trains_under_fsdp2_as_under_ddp(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(_FSDP_SCRIPT)

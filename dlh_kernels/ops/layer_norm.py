@@ -292,8 +292,19 @@ def _check(op, input, normalized_shape, weight, bias, residual=None):
                 raise ValueError(f"dlh.{op}: {name} is on {t.device} but input is on {device}")
             if not t.is_floating_point():
                 raise TypeError(f"dlh.{op}: {name} must be floating point, got {t.dtype}")
+            # LayerNorm: what every backend computes (the kernels, and eager F.layer_norm on CPU
+            # and CUDA): the parameters in the input's dtype, or float32 (mixed precision).
+            # RMSNorm is not held to it: eager F.rms_norm promotes other mixes, and so does the
+            # torch backend (which `auto` falls back to; the kernels refuse them, naming why).
+            if name != "residual" and t.dtype != input.dtype and t.dtype != torch.float32 \
+                    and not op.endswith("rms_norm"):
+                raise TypeError(f"dlh.{op}: {name} dtype {t.dtype} must be the input's ({input.dtype})"
+                                + ("" if input.dtype == torch.float32 else " or float32"))
         if residual is not None and residual.dtype != input.dtype:
             raise TypeError(f"dlh.{op}: residual dtype {residual.dtype} must equal input dtype {input.dtype}")
+        if bias is not None and weight is not None and weight.dtype != bias.dtype:
+            raise TypeError(f"dlh.{op}: weight and bias must share one dtype, got {weight.dtype} "
+                            f"and {bias.dtype}")
     n = 1
     for d in shape:
         n *= d
@@ -308,7 +319,7 @@ def _supports(input, weight, bias):
         for name, t in (("weight", weight), ("bias", bias)):
             if t is not None and t.dtype not in (input.dtype, torch.float32):
                 return f"the {backend} kernels take a {name} in the input dtype or float32, not {t.dtype}"
-        if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        if bias is not None and weight is not None and weight.dtype != bias.dtype:
             return f"the {backend} kernels need weight and bias in one dtype"
         return None
     return can
