@@ -519,8 +519,92 @@ def linear_cases(sweep: str):
     return cases
 
 
+def activation_cases(sweep: str):
+    """DF.silu/relu/leaky_relu (the unary kernels) and DF.swiglu/gated_gelu (the gated kernels),
+    forward and backward: dense tensors (one flat row of 4K-element tiles), a strided row view
+    (2-D tiles), the gated halves of one fused (M, 2N) projection (up=None) and separate gate/up."""
+    import torch
+    import dlh_kernels.functional as DF
+
+    def unary(dtype, op, layout="dense"):
+        def run():
+            x = torch.randn(64, 1024, dtype=dtype, requires_grad=True)
+            v = x[:, :1000] if layout == "strided" else x
+            if op == "leaky_relu":
+                y = DF.leaky_relu(v, 0.2, backend="triton")
+            else:
+                y = getattr(DF, op)(v, backend="triton")
+            _backward(y)
+        return f"{op} {dtype} {layout}", run
+
+    def gated(dtype, op, fused, approx="none"):
+        def run():
+            if fused:  # the two halves of one (M, 2N) matmul output
+                g, u = torch.randn(64, 2048, dtype=dtype, requires_grad=True), None
+            else:
+                g = torch.randn(64, 1024, dtype=dtype, requires_grad=True)
+                u = torch.randn(64, 1024, dtype=dtype, requires_grad=True)
+            if op == "swiglu":
+                y = DF.swiglu(g, u, backend="triton")
+            else:
+                y = DF.gated_gelu(g, u, approximate=approx, backend="triton")
+            _backward(y)
+        return f"{op} {dtype} {'fused halves' if fused else 'gate, up'} approximate={approx}", run
+
+    if sweep == "ci":
+        return []
+    cases = []
+    for dt, dtype in _dtypes(["fp32", "fp16", "bf16"] if sweep == "full" else ["fp32", "bf16"]):
+        for op in ("silu", "relu", "leaky_relu"):
+            cases.append(unary(dtype, op))
+            if sweep == "full" or (dt == "bf16" and op == "silu"):
+                cases.append(unary(dtype, op, "strided"))
+        cases.append(gated(dtype, "swiglu", True))
+        cases.append(gated(dtype, "gated_gelu", False, "tanh"))
+        if sweep == "full" or dt == "bf16":
+            cases.append(gated(dtype, "swiglu", False))
+            cases.append(gated(dtype, "gated_gelu", True, "none"))
+    return cases
+
+
+def rotary_cases(sweep: str):
+    """DF.rotary_embedding, forward and backward (the same kernel, BACKWARD): rotate-half and
+    interleaved (GPT-J) pairs, full and partial rotary (GPT-NeoX/Phi: a pass-through tail), q + k
+    of another head count (GQA), q alone, the (B, H, S, D) and (B, S, H, D) layouts."""
+    import torch
+    import dlh_kernels.functional as DF
+
+    def case(dtype, hd, rotary_dim, interleaved, with_k=True, unsqueeze_dim=1, heads=(8, 2)):
+        def run():
+            B, S = 2, 64
+            hq, hk = heads
+            shape = (lambda h: (B, h, S, hd)) if unsqueeze_dim == 1 else (lambda h: (B, S, h, hd))
+            q = torch.randn(*shape(hq), dtype=dtype, requires_grad=True)
+            k = torch.randn(*shape(hk), dtype=dtype, requires_grad=True) if with_k else None
+            cos = torch.randn(1, S, rotary_dim, dtype=dtype)
+            sin = torch.randn(1, S, rotary_dim, dtype=dtype)
+            qo, ko = DF.rotary_embedding(q, k, cos, sin, interleaved=interleaved,
+                                         unsqueeze_dim=unsqueeze_dim, backend="triton")
+            _backward(qo, ko)
+        return (f"rotary {dtype} hd{hd} R{rotary_dim} interleaved={interleaved} k={with_k} "
+                f"heads={heads} unsqueeze_dim={unsqueeze_dim}"), run
+
+    if sweep == "ci":
+        return []
+    cases = []
+    for dt, dtype in _dtypes(["fp32", "fp16", "bf16"] if sweep == "full" else ["fp32", "bf16"]):
+        cases.append(case(dtype, 128, 128, False))                     # LLaMA: rotate-half, GQA
+        if sweep == "full" or dt == "bf16":
+            cases.append(case(dtype, 64, 64, True, heads=(16, 16)))    # GPT-J pairs
+            cases.append(case(dtype, 80, 32, False, unsqueeze_dim=2))  # partial (Phi/NeoX), BSHD
+            cases.append(case(dtype, 256, 64, True, with_k=False))     # GPT-J partial, q alone
+        if sweep == "full":
+            cases.append(case(dtype, 64, 64, False, heads=(32, 8)))
+    return cases
+
+
 FAMILIES = {"attention": attention_cases, "conv2d": conv2d_cases, "gelu": gelu_cases,
-            "linear": linear_cases,
+            "linear": linear_cases, "activation": activation_cases, "rotary": rotary_cases,
             "norms": norm_cases, "diffusion_step": diffusion_cases}
 
 
@@ -850,7 +934,11 @@ NOTES: dict = {
         "mask call and a causal Dv != D call; conv2d NHWC (fp32, bf16) with bias + SiLU, forward, "
         "GRAD epilogue and both backward kernels; linear_gelu bf16 (forward and GRAD); the "
         "elementwise GELU/GeGLU, the four norm flavours fused and split, GroupNorm fused and split, "
-        "the diffusion step (bf16). `--sweep full` compiles every dtype x head dim 32-256 x mask x "
+        "the diffusion step (bf16); linear (bf16: GELU-tanh with a Conv1D weight, ReLU), the unary "
+        "activations (SiLU/ReLU/LeakyReLU, fp32 and bf16, dense and a strided view) and the gated "
+        "ones (SwiGLU, gated GELU: fused halves and separate gate/up), forward and backward; rotary "
+        "embedding forward and backward (fp32, bf16: rotate-half with GQA, interleaved, partial "
+        "rotary in BSHD, q alone). `--sweep full` compiles every dtype x head dim 32-256 x mask x "
         "dropout x length and every conv layout (~1,900 variants per target, hours on 2 cores).",
     ],
     "Findings": [
