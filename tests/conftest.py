@@ -68,11 +68,39 @@ def pytest_configure(config):
 # `python -m pytest -q tests -m "not slow"` leaves them out; CI runs everything.
 SLOW_FILES = {"test_triton_compile.py", "test_cuda_emulation.py", "test_models_ddp.py", "test_autotune.py",
               "test_cuda_build.py", "test_cuda_attention.py"}
+# and the tests of the other files that took a second or more in a full run here
+# (`python -m pytest -q tests --durations=0`), all their parametrizations; "*" is any file
+SLOW_TESTS = {
+    "*::test_opcheck", "*::test_compile_fullgraph", "*::test_split_path",
+    "test_layer_norm.py::test_huge_rows", "test_models.py::test_patched_matches_eager_triton",
+    "test_models.py::test_short_training_lowers_the_loss",
+    "test_patch_models.py::test_triton_interpreter_within_tolerance_of_float64",
+    "test_patch_models.py::test_patched_llama_under_torch_compile",
+    "test_conv2d.py::test_model_shapes", "test_conv2d.py::test_weight_grad_split_over_pixels",
+    "test_conv2d.py::test_patch_fuses_conv_and_activation", "test_conv2d.py::test_depthwise_fp16",
+    "test_attention.py::test_heads_folded_over_grid_y_and_z", "test_attention.py::test_masks",
+    "test_attention.py::test_gqa", "test_attention.py::test_gqa_bf16_causal",
+    "test_attention.py::test_backward_is_deterministic",
+    "test_attention.py::test_atomic_dq_matches_and_deterministic_overrides_it",
+    "test_activation.py::test_unary_cuda_emulated",
+    "test_diffusion_schedulers.py::test_import_without_diffusers",
+    "test_framework.py::test_import_does_not_initialise_cuda_or_need_the_extension",
+    "test_cli.py::test_patch_backend_triton_without_interpreter", "test_cli.py::test_console_command_exit_code_and_stderr",
+    "test_check.py::test_the_command_turns_the_interpreter_on_itself", "test_check.py::test_quick_check_every_path",
+    "test_bench.py::test_sanitize_cases_run_on_cpu", "test_bench.py::test_coldstart_one_tiny_op",
+    "test_bench.py::test_gpu_session_checks_run_every_group_and_flush_after_each",
+}
+
+
+def _is_slow(item) -> bool:
+    name = getattr(item, "originalname", item.name)
+    return (item.path.name in SLOW_FILES or f"{item.path.name}::{name}" in SLOW_TESTS
+            or f"*::{name}" in SLOW_TESTS)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name in SLOW_FILES:
+        if _is_slow(item):
             item.add_marker(pytest.mark.slow)
     if HAS_GPU:
         return
