@@ -237,18 +237,35 @@ class _Router(TorchFunctionMode):
 
 def _functions_of(cls) -> Iterable[types.CodeType]:
     """The code of every function defined by `cls` and its bases below nn.Module (forward and
-    the helpers it may call), nested functions and lambdas included."""
+    the helpers it may call), nested functions and lambdas included, and of the module-level
+    functions of the class's own file that this code calls (``attention(q, k, v)`` defined
+    next to the model), two levels deep."""
+    seen = set()
     for klass in cls.__mro__:
         if klass is torch.nn.Module or klass is object:
             break
         for attr in vars(klass).values():
             fn = inspect.unwrap(getattr(attr, "__func__", attr))
-            code = getattr(fn, "__code__", None)
-            stack = [code] if isinstance(code, types.CodeType) else []
-            while stack:
-                code = stack.pop()
-                yield code
-                stack += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+            if isinstance(getattr(fn, "__code__", None), types.CodeType):
+                yield from _code_tree(fn, klass.__module__, seen, depth=2)
+
+
+def _code_tree(fn, home: str, seen: set, depth: int):
+    stack = [fn.__code__]
+    globals_ = getattr(fn, "__globals__", {})
+    while stack:
+        code = stack.pop()
+        if code in seen:
+            continue
+        seen.add(code)
+        yield code
+        stack += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+        if depth > 0:
+            for name in code.co_names:
+                helper = globals_.get(name)
+                if (isinstance(helper, types.FunctionType) and helper.__module__ == home
+                        and helper.__code__ not in seen):
+                    yield from _code_tree(helper, home, seen, depth - 1)
 
 
 def _routed_calls(module: torch.nn.Module) -> set:

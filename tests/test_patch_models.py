@@ -632,3 +632,28 @@ def test_a_transformers_model_inside_a_users_model():
     assert cov.fraction == 1.0, str(cov)
     dlh.unpatch(wrapper)
     assert backbone.config._attn_implementation == "sdpa"
+
+
+def _attend(q, k, v):
+    """A module-level helper of the model's own file that calls SDPA."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class _UsesHelper(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.proj(x).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return _attend(q, k, v)
+
+
+def test_sdpa_in_a_helper_function_of_the_models_file(df_calls):
+    model = _UsesHelper()
+    x = torch.randn(2, 5, 8)
+    wanted = model(x)
+    report = dlh.patch(model, backend="torch")
+    assert [(r.path, r.how) for r in report.routed] == [("", "F.scaled_dot_product_attention")]
+    torch.testing.assert_close(model(x), wanted, rtol=1e-5, atol=1e-6)
+    assert ("scaled_dot_product_attention", "torch") in df_calls
