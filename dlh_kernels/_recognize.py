@@ -79,6 +79,47 @@ def _eps_candidates(module):
     return seen + [(None, e) for e in _COMMON_EPS if all(v != e for _, v in seen)]
 
 
+def _cached(key_of):
+    """Cache a recogniser's answer per class and configuration (`key_of(module)`, None: don't
+    cache), so the 32 identical blocks of a model probe once. The probes use random parameters
+    of the module's shapes, so the answer depends only on the class, its structure and its
+    attributes, which the key holds."""
+    def wrap(recognise):
+        cache = {}
+
+        def run(module):
+            key = key_of(module)
+            if key is None:
+                return recognise(module)
+            if key not in cache:
+                cache[key] = recognise(module)
+            return cache[key]
+        run.cache = cache
+        run.__doc__ = recognise.__doc__
+        return run
+    return wrap
+
+
+def _norm_key(module):
+    params = tuple((n, tuple(p.shape), p.dtype, p.device.type) for n, p in module.named_parameters(recurse=False))
+    attrs = tuple(sorted((k, v) for k, v in vars(module).items()
+                         if not k.startswith("_") and isinstance(v, (int, float, bool, str))))
+    return type(module), params, attrs
+
+
+def _mlp_key(module):
+    children = []
+    for name, c in module._modules.items():
+        if c is None:
+            return None
+        children.append((name, type(c), tuple((n, tuple(p.shape), p.dtype, p.device.type)
+                                            for n, p in c.named_parameters(recurse=False)),
+                         tuple(sorted((k, v) for k, v in vars(c).items()
+                                      if not k.startswith("_") and isinstance(v, (int, float, bool, str))))))
+    return type(module), tuple(children)
+
+
+@_cached(_norm_key)
 def recognise_norm(module: torch.nn.Module) -> Optional[NormSpec]:
     params = dict(module.named_parameters(recurse=False))
     w = params.get("weight")
@@ -286,6 +327,7 @@ def _candidate_specs(module, act_name, act):
     return specs
 
 
+@_cached(_mlp_key)
 def recognise_mlp(module: torch.nn.Module) -> Optional[MLPSpec]:
     children = module._modules
     acts = [(n, c) for n, c in children.items() if c is not None and is_activation_like(c)]
@@ -300,10 +342,16 @@ def recognise_mlp(module: torch.nn.Module) -> Optional[MLPSpec]:
     specs = _candidate_specs(module, act_name, act)
     if not specs:
         return None
-    first = next(c for c in children.values() if c is not None and is_linear_like(c))
-    d_in = min(_linear_dims(c)[0] for c in children.values() if c is not None and is_linear_like(c))
-    w = first.weight
-    x = _randn(2, 3, d_in, device=w.device, g=_generator()).to(w.dtype)
+    # random parameters of the module's shapes (float32), through functional_call: the module is
+    # not touched, and weights that happen to be degenerate (a zero-initialised out projection)
+    # cannot make two templates look alike
+    g = _generator()
+    params = {}
+    for name, p in module.named_parameters():
+        scale = 1.0 / max(p.shape) ** 0.5 if p.dim() >= 2 else 0.1
+        params[name] = (torch.randn(p.shape, generator=g) * scale).to(p.device)
+    device = next(iter(params.values())).device
+    template = _Template(module)
     drops = [c for c in children.values() if isinstance(c, torch.nn.Dropout)]
     # dropout made a visible, deterministic x2 (x3 for a second one) for the probe, so its place
     # is part of the match
@@ -312,23 +360,41 @@ def recognise_mlp(module: torch.nn.Module) -> Optional[MLPSpec]:
     module.eval()
     try:
         with torch.no_grad():
-            try:
-                wanted = module(x)
-            except Exception:
-                return None
-            for spec in specs:
+            for d_in in sorted({_linear_dims(c)[0] for c in children.values() if c is not None and is_linear_like(c)}):
+                x = _randn(2, 3, d_in, device=device, g=g)
                 try:
-                    got = mlp_reference(spec, module, x, activation_reference, lambda m, h: F.linear(h, *linear_args(m)))
+                    wanted = torch.func.functional_call(module, params, (x,))
                 except Exception:
                     continue
-                if _close(got, wanted):
-                    return spec
+                for spec in specs:
+                    template.spec = spec
+                    try:
+                        got = torch.func.functional_call(template, {"inner." + k: v for k, v in params.items()}, (x,))
+                    except Exception:
+                        continue
+                    if _close(got, wanted):
+                        return spec
+                return None
     finally:
         for h in handles:
             h.remove()
         for m, mode in modes:
             m.training = mode
     return None
+
+
+class _Template(torch.nn.Module):
+    """An MLP's candidate template as a module over it, so functional_call swaps the same
+    random parameters in for both."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.spec = None
+
+    def forward(self, x):
+        return mlp_reference(self.spec, self.inner, x, activation_reference,
+                             lambda m, h: F.linear(h, *linear_args(m)))
 
 
 def describe_failure(kind: str) -> str:

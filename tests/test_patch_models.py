@@ -657,3 +657,31 @@ def test_sdpa_in_a_helper_function_of_the_models_file(df_calls):
     assert [(r.path, r.how) for r in report.routed] == [("", "F.scaled_dot_product_attention")]
     torch.testing.assert_close(model(x), wanted, rtol=1e-5, atol=1e-6)
     assert ("scaled_dot_product_attention", "torch") in df_calls
+
+
+class _LlamaLikeMLP(torch.nn.Module):
+    def __init__(self, d=8, h=12):
+        super().__init__()
+        self.gate_proj, self.up_proj = torch.nn.Linear(d, h, bias=False), torch.nn.Linear(d, h, bias=False)
+        self.down_proj = torch.nn.Linear(h, d, bias=False)
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_recognition_does_not_trust_the_weights():
+    # a zero-initialised out projection makes every template give 0 on the module's own weights;
+    # the probe uses random weights, so gate and up are still told apart
+    torch.manual_seed(0)
+    model = _holder(mlp=_LlamaLikeMLP())
+    torch.nn.init.zeros_(model.mlp.down_proj.weight)
+    eager = copy.deepcopy(model)
+    report = dlh.patch(model, backend="torch")
+    assert "silu(gate_proj(x)) * up_proj(x)" in report.replaced[0].to_type
+    with torch.no_grad():  # as training would move it
+        for m in (model, eager):
+            torch.manual_seed(1)
+            m.mlp.down_proj.weight.normal_()
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model.mlp(x), eager.mlp(x), rtol=1e-5, atol=1e-6)
