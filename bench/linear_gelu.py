@@ -3,7 +3,9 @@
 Providers, side by side on the same inputs:
   dlh-triton     DF.linear_gelu(x, w, b, approximate, backend="triton"): the GELU in the epilogue
                  of a Triton matmul
-  dlh-cuda       the same with backend="cuda" (skipped, with dlh's reason, while it has none)
+  dlh-cuda       DF.linear(x, w, b, activation="gelu" | "gelu_tanh", backend="cuda"): the same
+                 epilogue in csrc/linear.cu's tensor-core GEMM (linear_gelu itself has no CUDA
+                 kernel; DF.linear's Triton path is dlh-triton's program)
   eager          F.gelu(F.linear(x, w, b)): cuBLAS, then a separate GELU kernel
   torch.compile  the eager function, compiled with dynamic=False (default mode: a cuBLAS matmul
                  and one generated pointwise kernel)
@@ -83,10 +85,20 @@ def _dlh(backend: str) -> Provider:
     return lambda x, w, b, approximate: DF.linear_gelu(x, w, b, approximate, backend=backend)
 
 
+def _dlh_linear(backend: str) -> Provider:
+    DF = common.dlh_functional(backend)
+    if isinstance(DF, str):
+        return DF
+    if not hasattr(DF, "linear"):
+        return "dlh_kernels.functional has no linear yet"
+    return lambda x, w, b, approximate: DF.linear(
+        x, w, b, activation="gelu_tanh" if approximate == "tanh" else "gelu", backend=backend)
+
+
 def providers() -> dict[str, Provider]:
     return {
         "dlh-triton": _dlh("triton"),
-        "dlh-cuda": _dlh("cuda"),
+        "dlh-cuda": _dlh_linear("cuda"),
         "eager": eager,
         "torch.compile": common.compiled(eager),  # one graph per (shape, approximate, requires_grad)
         BARE: bare_linear,
@@ -160,7 +172,7 @@ class Sweep(common.MatmulSweep):
                 y = p(x0, w0, b0, approximate)
                 err = None if name == BARE else max_rel_err(y, ref)
                 del y
-            except Exception as exc:  # dlh-cuda without a linear_gelu kernel lands here
+            except Exception as exc:  # a backend that cannot run the call lands here, with its reason
                 self.skip(f"linear_gelu {name} {what}", common.short_error(exc))
                 continue
             if err is not None and not err < 0.05:
