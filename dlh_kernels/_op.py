@@ -21,9 +21,6 @@ from . import profiling
 
 _LIB_NAME = "dlh"
 
-# `dlh.coverage` watches which ops a forward runs: a context-manager factory taking the op name,
-# or None (the usual case, one global read per call).
-observer = None
 
 
 def _plain_eager(args: Sequence) -> bool:
@@ -76,8 +73,8 @@ class KernelOp:
         return impl(*args[:-1])
 
     def __call__(self, *args):
-        if observer is not None:
-            with observer(self.name):
+        if profiling.observer is not None:  # `dlh.coverage` is watching
+            with profiling.observer(self.name):
                 return self._call(*args)
         return self._call(*args)
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import _op
+from . import profiling
 
 KINDS = ("norm", "activation", "attention", "conv", "mlp")
 REPORT_ATTR = "_dlh_patch_report"      # on a patched model: its PatchReport
@@ -249,13 +249,13 @@ def measure(model: torch.nn.Module, run: Callable) -> CoverageReport:
     for m in names:
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post, always_call=True))
-    previous = _op.observer
-    _op.observer = observe
+    previous = profiling.observer
+    profiling.observer = observe
     try:
         with torch.no_grad(), _FunctionalWatch(state):
             run(model)
     finally:
-        _op.observer = previous
+        profiling.observer = previous
         for h in handles:
             h.remove()
     report = CoverageReport(calls=state["calls"])

@@ -86,13 +86,17 @@ def op_range(name: str) -> Iterator[None]:
 _NULL = contextlib.nullcontext()
 
 
+# `dlh.coverage` watches which ops a forward runs: a context-manager factory taking the op name,
+# or None (the usual case: one global read per op call).
+observer = None
+
+
 def torch_range(op: str):
     """The range of an op call that the ``torch`` backend runs as plain torch.nn.functional (not
     through a KernelOp), so that it shows as ``dlh::<op>[torch]`` too; a no-op when profiling is off
     (and `dlh.coverage` is not watching)."""
-    from . import _op
-    if _op.observer is not None:
-        return _op.observer(op)
+    if observer is not None:
+        return observer(op)
     return op_range(f"dlh::{op}[torch]") if _enabled else _NULL
 
 
