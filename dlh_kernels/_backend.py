@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from . import _cache
+from . import _cache, profiling
 
 BACKENDS = ("triton", "cuda", "torch")
 _CHOICES = BACKENDS + ("auto",)
@@ -124,19 +124,48 @@ def backends() -> dict[str, str]:
 Capability = Callable[[str], Optional[str]]  # backend -> None if it can do this call, else why
 
 
+def plain_torch(requested: Optional[str], t: torch.Tensor) -> bool:
+    """True when a call on ``t`` runs on the torch backend with nobody watching (no profiler
+    ranges, no `dlh.coverage`): the public functions then call torch.nn.functional at once,
+    because on small CPU tensors every microsecond of glue shows (bench/overhead.py). The same
+    answer as choose(): ``torch`` named, or ``auto`` on a tensor that is not on a GPU."""
+    name = requested if requested is not None else (_override.get() or _default_backend)
+    return (name == "torch" or (name == "auto" and not t.is_cuda)) \
+        and not profiling._enabled and profiling.observer is None
+
+
+# Host cost per call (bench/overhead.py, the stand-in GPU path): Triton's launch path (its JIT
+# binder, the glue) costs tens of microseconds more than the CUDA extension's. A call whose
+# kernel moves fewer bytes than the H200 copies in that time (HOST_GAP_US at ~4.3 TB/s) is
+# bound by the host, so `auto` puts the cuda backend first for it, unless `dlh bench
+# --save-auto` measured an order for the op on this device.
+HOST_GAP_US = 10.0
+HOST_BOUND_BYTES = int(HOST_GAP_US * 1e-6 * 4.3e12)
+
+
+def host_first(order: tuple[str, ...]) -> tuple[str, ...]:
+    """``order`` with the backend of the cheapest launch (cuda) moved to the front."""
+    return ("cuda",) + tuple(b for b in order if b != "cuda") if "cuda" in order else order
+
+
 def choose(op: str, requested: Optional[str], device_type: str, supports: Capability,
-           auto_order: tuple[str, ...] = AUTO_ORDER_CUDA) -> str:
+           auto_order: tuple[str, ...] = AUTO_ORDER_CUDA, nbytes: Optional[int] = None) -> str:
     """Resolve ``requested`` (None: the current default) to the backend that runs this call.
 
     A backend named explicitly that cannot do the call raises; ``auto`` takes the first backend
     in ``auto_order`` that can (CPU tensors: always ``torch``, the interpreter is for tests).
+    ``nbytes``: the bytes the call's kernel moves, when the op knows them cheaply; below
+    HOST_BOUND_BYTES the cheapest launch comes first (see host_first).
     """
     name = requested if requested is not None else get_backend()
     if name == "auto":
         if device_type != "cuda":
             return "torch"
         # an order saved by `dlh bench --save-auto` for this op and device comes first
-        for candidate in _cache.auto_order(op, auto_order):
+        order = _cache.auto_order(op, auto_order)
+        if order is auto_order and nbytes is not None and nbytes < HOST_BOUND_BYTES:
+            order = host_first(auto_order)
+        for candidate in order:
             if unavailable_reason(candidate, device_type) is None and supports(candidate) is None:
                 return candidate
         return "torch"
@@ -149,13 +178,19 @@ def choose(op: str, requested: Optional[str], device_type: str, supports: Capabi
 
 
 def explain_choice(device_type: str, supports: Capability,
-                   auto_order: tuple[str, ...] = AUTO_ORDER_CUDA) -> dict[str, str]:
+                   auto_order: tuple[str, ...] = AUTO_ORDER_CUDA, nbytes: Optional[int] = None,
+                   op: Optional[str] = None) -> dict[str, str]:
     """Every backend's verdict on one call: "ok", or the reason it would not run it."""
     verdict = {}
     for b in BACKENDS:
         reason = unavailable_reason(b, device_type) or supports(b)
         verdict[b] = "ok" if reason is None else reason
-    order = auto_order if device_type == "cuda" else ("torch",)
+    if device_type == "cuda":
+        order = _cache.auto_order(op, auto_order) if op is not None else auto_order
+        if order is auto_order and nbytes is not None and nbytes < HOST_BOUND_BYTES:
+            order = host_first(auto_order)
+    else:
+        order = ("torch",)
     verdict["auto"] = next((f"picks {b}" for b in order if verdict[b] == "ok"), "picks torch")
     return verdict
 

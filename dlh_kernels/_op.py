@@ -23,14 +23,8 @@ _LIB_NAME = "dlh"
 
 
 
-def _plain_eager(args: Sequence) -> bool:
-    """True when no tracing is going on: every tensor argument is an ordinary tensor."""
-    if torch.compiler.is_compiling():
-        return False
-    for a in args:
-        if isinstance(a, torch.Tensor) and type(a) is not torch.Tensor and type(a) is not torch.nn.Parameter:
-            return False
-    return True
+_TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter
+_is_compiling = torch.compiler.is_compiling
 
 
 class KernelOp:
@@ -79,9 +73,19 @@ class KernelOp:
         return self._call(*args)
 
     def _call(self, *args):
-        if not _plain_eager(args):
+        # one pass over the arguments: any traced tensor (fake, functional, a subclass) or
+        # compilation sends the call through the dispatcher; a tensor needing a gradient
+        # sends it through the autograd.Function
+        if _is_compiling():
             return self.custom_op(*args)
-        if self._function is not None and torch.is_grad_enabled() and any(
-                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        grad = False
+        for a in args:
+            if isinstance(a, _TENSOR):
+                kind = type(a)
+                if kind is not _TENSOR and kind is not _PARAMETER:
+                    return self.custom_op(*args)
+                if a.requires_grad:
+                    grad = True
+        if grad and self._function is not None and torch.is_grad_enabled():
             return self._function.apply(*args)
         return self._run(*args)

@@ -337,7 +337,6 @@ def _supports(x: torch.Tensor):
 # Public functions (exported by dlh_kernels.functional).
 
 def _unary(op: str, input, act: int, negative_slope: float, backend: Optional[str], eager):
-    _check_tensor(op, "input", input)
     be = _backend.choose(op, backend, input.device.type, _supports(input))
     if be == "torch":
         with profiling.torch_range(op):
@@ -347,11 +346,17 @@ def _unary(op: str, input, act: int, negative_slope: float, backend: Optional[st
 
 def silu(input: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """`torch.nn.functional.silu`: ``input * sigmoid(input)``."""
+    _check_tensor("silu", "input", input)
+    if _backend.plain_torch(backend, input):  # the torch backend, nobody watching: F.* at once
+        return F.silu(input)
     return _unary("silu", input, SILU, 0.0, backend, lambda: F.silu(input))
 
 
 def relu(input: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """`torch.nn.functional.relu`."""
+    _check_tensor("relu", "input", input)
+    if _backend.plain_torch(backend, input):
+        return F.relu(input)
     return _unary("relu", input, RELU, 0.0, backend, lambda: F.relu(input))
 
 
@@ -359,11 +364,15 @@ def leaky_relu(input: torch.Tensor, negative_slope: float = 0.01, *, backend: Op
     """`torch.nn.functional.leaky_relu`: ``input`` where positive, ``negative_slope * input`` elsewhere."""
     _check_tensor("leaky_relu", "input", input)
     slope = _check_slope(negative_slope)
+    if _backend.plain_torch(backend, input):
+        return F.leaky_relu(input, slope)
     return _unary("leaky_relu", input, LEAKY_RELU, slope, backend, lambda: F.leaky_relu(input, slope))
 
 
 def _gated(op: str, gate, up, act: int, backend: Optional[str], eager):
     _check_gated(op, gate, up)
+    if _backend.plain_torch(backend, gate):  # the torch backend, nobody watching
+        return eager(*_halves(gate, up))
     be = _backend.choose(op, backend, gate.device.type, _supports(gate))
     if be == "torch":
         with profiling.torch_range(op):

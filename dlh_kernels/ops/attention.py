@@ -78,6 +78,36 @@ def dropout_mask(query, key, dropout_p: float, seed: torch.Tensor) -> torch.Tens
     return kernels.dropout_keep_mask(seed, B, Hq, L, S, dropout_p)
 
 
+def dropout_keep_reference(seed: int, B: int, H: int, L: int, S: int, dropout_p: float) -> torch.Tensor:
+    """The kernels' keep stream written out (NumPy, CPU; for tests): (B, H, L, S) bool.
+
+    One Philox4x32-10 call per 4 consecutive keys of a row: for head bh = b * H + h, row i and
+    key group j (keys 4j .. 4j + 3), the counter is (c, c >> 32, 0, 0) with the 64-bit
+    c = (bh * L + i) * ceil(S / 4) + j, the key (seed low word, seed high word); output word w
+    becomes Triton's uniform u = (w as int32, bitwise-negated if negative) * 4.6566127342e-10
+    in fp32 (tl.rand4x), and key 4j + w is kept when u >= dropout_p (fp32). The Triton kernels
+    (attention._keep) and the CUDA kernels (attention.cu, keep_bits) draw exactly this."""
+    import numpy as np
+    M32 = np.uint64(0xFFFFFFFF)
+    G = -(-S // 4)
+    counter = np.arange(B * H * L * G, dtype=np.uint64)
+    c0, c1 = counter & M32, counter >> np.uint64(32)
+    c2 = c3 = np.zeros_like(counter)
+    seed = int(seed) & (2**64 - 1)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    for _ in range(10):
+        prod_b = np.uint64(0xCD9E8D57) * c2   # exact: both factors < 2^32
+        prod_a = np.uint64(0xD2511F53) * c0
+        c0, c2 = (prod_b >> np.uint64(32)) ^ c1 ^ k0, (prod_a >> np.uint64(32)) ^ c3 ^ k1
+        c1, c3 = prod_b & M32, prod_a & M32
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & M32, (k1 + np.uint64(0xBB67AE85)) & M32
+    words = np.stack([c0, c1, c2, c3], -1).astype(np.uint32).view(np.int32)   # (B*H*L*G, 4)
+    words = np.where(words < 0, ~words, words)
+    uniform = words.astype(np.float32) * np.float32(4.6566127342e-10)
+    keep = uniform.reshape(B, H, L, 4 * G)[..., :S] >= np.float32(dropout_p)
+    return torch.from_numpy(np.ascontiguousarray(keep))
+
+
 # ---------------------------------------------------------------------------------------------
 # Backend implementations on the canonical 4-D views.
 
@@ -363,7 +393,9 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
             if hk != hv:  # torch allows it; the kernels share one K/V head count
                 c.Hkv, c.repeat_heads = c.Hq, True
         else:
-            lead = tuple(torch.broadcast_shapes(qs[:-2], ks[:-2], vs[:-2]))
+            lead = qs[:-2]
+            if ks[:-2] != lead or vs[:-2] != lead:  # broadcast_shapes costs ~10 us of Python
+                lead = tuple(torch.broadcast_shapes(qs[:-2], ks[:-2], vs[:-2]))
             c.batch, c.Hq = lead[:-1], lead[-1]
             # one K/V head for every query head (multi-query by broadcasting): group, don't copy
             c.Hkv = 1 if ks[-3] == 1 and vs[-3] == 1 else c.Hq
@@ -476,6 +508,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     with the default dQ strategy, always).
     """
     c = _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if _backend.plain_torch(backend, query):  # the torch backend, nobody watching: F.* at once
+        return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                              scale=scale, enable_gqa=enable_gqa)
     be = _pick(backend, query, c, attn_mask, dropout_p)
     if be == "torch":
         with profiling.torch_range("scaled_dot_product_attention"):

@@ -281,6 +281,10 @@ conv2d_op = KernelOp(
 # Argument checks (before any launch) and backend capabilities.
 
 def _pair(name, v, minimum):
+    if type(v) is int:  # the common case, on every call's path
+        if v < minimum:
+            raise ValueError(f"dlh.conv2d: {name} must be >= {minimum}, got {(v, v)}")
+        return [v, v]
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v, v)
     if (not isinstance(v, (tuple, list)) or len(v) != 2
@@ -382,6 +386,9 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if unbatched:
         input = input.unsqueeze(0)
     stride, pad, dilation, act = _check(input, weight, bias, stride, padding, dilation, groups, activation)
+    if activation is None and _backend.plain_torch(backend, input):  # torch backend, nobody watching
+        out = _torch_z(input, weight, bias, stride, pad, dilation, groups)
+        return out.squeeze(0) if unbatched else out
     be = _backend.choose("conv2d", backend, input.device.type, _supports(input))
     if be == "torch":
         with profiling.torch_range("conv2d"):

@@ -439,6 +439,8 @@ def gelu(input: torch.Tensor, approximate: str = "none", *, bias: Optional[torch
          backend: Optional[str] = None) -> torch.Tensor:
     """`torch.nn.functional.gelu(input + bias)`; `bias` (last dim) is added before the activation."""
     tanh = _check_gelu(input, approximate, bias)
+    if bias is None and _backend.plain_torch(backend, input):  # torch backend, nobody watching
+        return F.gelu(input, approximate=approximate)
     be = _backend.choose("gelu", backend, input.device.type, _supports_elementwise(input, bias))
     if be == "torch":
         with profiling.torch_range("gelu"):
@@ -451,6 +453,9 @@ def gelu(input: torch.Tensor, approximate: str = "none", *, bias: Optional[torch
 def geglu(input: torch.Tensor, approximate: str = "none", *, backend: Optional[str] = None) -> torch.Tensor:
     """``a, gate = input.chunk(2, -1); a * gelu(gate)``."""
     tanh = _check_geglu(input, approximate)
+    if _backend.plain_torch(backend, input):
+        a, gate = input.chunk(2, -1)
+        return a * F.gelu(gate, approximate=approximate)
     be = _backend.choose("geglu", backend, input.device.type, _supports_elementwise(input))
     if be == "torch":
         with profiling.torch_range("geglu"):
@@ -463,6 +468,8 @@ def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                 approximate: str = "none", *, backend: Optional[str] = None) -> torch.Tensor:
     """``gelu(F.linear(input, weight, bias))`` with the bias and GELU in the matmul's epilogue."""
     tanh = _check_linear_gelu(input, weight, bias, approximate)
+    if _backend.plain_torch(backend, input):
+        return F.gelu(F.linear(input, weight, bias), approximate=approximate)
     be = _backend.choose("linear_gelu", backend, input.device.type, _supports_linear_gelu(input))
     if be == "torch":
         with profiling.torch_range("linear_gelu"):

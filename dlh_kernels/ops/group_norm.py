@@ -379,6 +379,9 @@ def group_norm(input: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
     output keeps the input's layout.
     """
     _check(input, num_groups, weight, bias, activation)
+    if (weight is not None or bias is None) and _backend.plain_torch(backend, input):
+        y = F.group_norm(input, num_groups, weight, bias, eps)  # torch backend, nobody watching
+        return F.silu(y) if activation == "silu" else y
     be = _backend.choose("group_norm", backend, input.device.type, _supports(input))
     if be == "torch":
         with profiling.torch_range("group_norm"):

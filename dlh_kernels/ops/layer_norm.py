@@ -56,7 +56,9 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.reshape(-1).contiguous()
+    if t is None or (t.dim() == 1 and t.is_contiguous()):
+        return t
+    return t.reshape(-1).contiguous()
 
 
 def _torch_fwd(x, residual, weight, bias, eps, rms):
@@ -98,10 +100,11 @@ def _cuda_fwd(x, residual, weight, bias, eps, rms):
     M, N = x.shape
     y, h, mean, rstd = _fwd_outputs(x, residual is not None, rms)
     sms = _ext.sm_count(x.device.index)
-    ws = _alloc.empty(C.norm_fwd_workspace(M, N, sms) // 4 + 1, torch.float32, x.device)
+    ws_bytes = C.norm_fwd_workspace(M, N, sms)
+    ws = _alloc.empty(ws_bytes // 4 + 1, torch.float32, x.device) if ws_bytes else None
     w_dtype = weight.dtype if weight is not None else (bias.dtype if bias is not None else x.dtype)
     C.norm_fwd(x.data_ptr(), _ext.ptr(residual), _ext.ptr(weight), _ext.ptr(bias), y.data_ptr(),
-               _ext.ptr(h), _ext.ptr(mean), rstd.data_ptr(), ws.data_ptr(),
+               _ext.ptr(h), _ext.ptr(mean), rstd.data_ptr(), _ext.ptr(ws),
                M, N, x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
                h.stride(0) if h is not None else 0,
                eps, rms, _ext.DTYPE_CODE[x.dtype], _ext.DTYPE_CODE[w_dtype], sms,
@@ -138,10 +141,11 @@ def _cuda_bwd(dy, h, weight, mean, rstd, dh, weight_grad, bias_grad):
     dw = _alloc.empty(N, torch.float32, h.device) if weight_grad else None
     db = _alloc.empty(N, torch.float32, h.device) if bias_grad else None
     sms = _ext.sm_count(h.device.index)
-    ws = _alloc.empty(C.norm_bwd_workspace(M, N, sms) // 4 + 1, torch.float32, h.device)
+    ws_bytes = C.norm_bwd_workspace(M, N, sms)
+    ws = _alloc.empty(ws_bytes // 4 + 1, torch.float32, h.device) if ws_bytes else None
     w_dtype = weight.dtype if weight is not None else h.dtype
     C.norm_bwd(dy.data_ptr(), h.data_ptr(), _ext.ptr(weight), _ext.ptr(mean), rstd.data_ptr(),
-               _ext.ptr(dh), dx.data_ptr(), _ext.ptr(dw), _ext.ptr(db), ws.data_ptr(),
+               _ext.ptr(dh), dx.data_ptr(), _ext.ptr(dw), _ext.ptr(db), _ext.ptr(ws),
                M, N, dy.stride(0), h.stride(0), dh.stride(0) if dh is not None else 0, dx.stride(0),
                mean is None, _ext.DTYPE_CODE[h.dtype], _ext.DTYPE_CODE[w_dtype], sms,
                _ext.stream_handle(h.device))
@@ -325,8 +329,14 @@ def _supports(input, weight, bias):
     return can
 
 
+def _nbytes(input) -> int:
+    """What a norm kernel moves at least: the rows read and written."""
+    return 2 * input.numel() * input.element_size()
+
+
 def _pick(op, backend, input, weight, bias):
-    return _backend.choose(op, backend, input.device.type, _supports(input, weight, bias))
+    return _backend.choose(op, backend, input.device.type, _supports(input, weight, bias),
+                           nbytes=_nbytes(input))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +347,8 @@ def layer_norm(input: torch.Tensor, normalized_shape: ShapeLike, weight: Optiona
                backend: Optional[str] = None) -> torch.Tensor:
     """`torch.nn.functional.layer_norm` on the chosen backend."""
     shape, n = _check("layer_norm", input, normalized_shape, weight, bias)
+    if _backend.plain_torch(backend, input):  # the torch backend, nobody watching: F.* at once
+        return F.layer_norm(input, shape, weight, bias, eps)
     be = _pick("layer_norm", backend, input, weight, bias)
     if be == "torch":
         with profiling.torch_range("layer_norm"):
@@ -348,6 +360,8 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeLike, weight: Optional[
              eps: Optional[float] = None, *, backend: Optional[str] = None) -> torch.Tensor:
     """`torch.nn.functional.rms_norm` (eps=None: the input dtype's machine epsilon)."""
     shape, n = _check("rms_norm", input, normalized_shape, weight, None)
+    if _backend.plain_torch(backend, input):
+        return F.rms_norm(input, shape, weight, eps)
     be = _pick("rms_norm", backend, input, weight, None)
     if be == "torch":
         with profiling.torch_range("rms_norm"):
@@ -361,6 +375,9 @@ def add_layer_norm(input: torch.Tensor, residual: torch.Tensor, normalized_shape
                    eps: float = 1e-5, *, backend: Optional[str] = None):
     """``(layer_norm(input + residual), input + residual)`` in one pass over the rows."""
     shape, n = _check("add_layer_norm", input, normalized_shape, weight, bias, residual)
+    if _backend.plain_torch(backend, input):
+        h = input + residual
+        return F.layer_norm(h, shape, weight, bias, eps), h
     be = _pick("add_layer_norm", backend, input, weight, bias)
     if be == "torch":
         with profiling.torch_range("add_layer_norm"):
@@ -375,6 +392,9 @@ def add_rms_norm(input: torch.Tensor, residual: torch.Tensor, normalized_shape: 
                  backend: Optional[str] = None):
     """``(rms_norm(input + residual), input + residual)`` in one pass over the rows."""
     shape, n = _check("add_rms_norm", input, normalized_shape, weight, None, residual)
+    if _backend.plain_torch(backend, input):
+        h = input + residual
+        return F.rms_norm(h, shape, weight, eps), h
     be = _pick("add_rms_norm", backend, input, weight, None)
     if be == "torch":
         with profiling.torch_range("add_rms_norm"):
@@ -389,4 +409,4 @@ def explain(op: str, args: dict) -> dict:
     """Per backend, "ok" or why it would not run this call; and what `auto` picks."""
     x, w, b = args["input"], args.get("weight"), args.get("bias")
     _check(op, x, args["normalized_shape"], w, b, args.get("residual"))
-    return _backend.explain_choice(x.device.type, _supports(x, w, b))
+    return _backend.explain_choice(x.device.type, _supports(x, w, b), nbytes=_nbytes(x), op=op)

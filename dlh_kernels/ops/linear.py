@@ -215,6 +215,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     epilogue. activation: None, "relu", "leaky_relu" (with negative_slope), "silu", "gelu",
     "gelu_tanh", "tanh", "sigmoid". weight may be any 2-D view (out, in), e.g. ``conv1d.weight.t()``: no copy."""
     act = _check(input, weight, bias, activation, negative_slope)
+    if activation is None and _backend.plain_torch(backend, input):  # torch backend, nobody watching
+        return F.linear(input, weight, bias)
     be = _backend.choose("linear", backend, input.device.type, _supports(input))
     if be == "torch":
         with profiling.torch_range("linear"):
