@@ -212,13 +212,19 @@ def us_per_call(calls: dict[str, Callable[[], object]], device: str, target_s: f
 # ---------------------------------------------------------------------------------------------
 # The GPU code path without a GPU.
 
+RECORD: Optional[list] = None  # tests: every stand-in launch's arguments are appended here
+
+
 class _NoLaunch:
-    """The stand-in for a compiled kernel's C launcher: takes the launch's arguments, does nothing."""
+    """The stand-in for a compiled kernel's C launcher: takes the launch's arguments, does nothing
+    (records them when RECORD is a list)."""
 
     def __init__(self, src, metadata):
-        pass
+        self.name = getattr(src, "name", None) or getattr(getattr(src, "fn", None), "__name__", "?")
 
     def __call__(self, *args):
+        if RECORD is not None:
+            RECORD.append((self.name, args))
         return None
 
 

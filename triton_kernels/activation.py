@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dlh_kernels.triton_kernels.common import gelu_fp32, gelu_grad_fp32
+from dlh_kernels.triton_kernels.common import cdiv, gelu_fp32, gelu_grad_fp32, launch, next_power_of_2
 
 # Activation codes (shared with dlh_kernels/ops/activation.py and csrc/activation.cu).
 SILU, RELU, LEAKY_RELU = 0, 1, 2
@@ -155,14 +155,14 @@ class _Tiles(NamedTuple):
 @functools.lru_cache(maxsize=4096)
 def _tiles(M: int, N: int) -> _Tiles:
     """A row's worth of columns up to TILE, then as many rows as fit in TILE."""
-    block_n = min(triton.next_power_of_2(N), TILE)
-    block_m = max(1, min(triton.next_power_of_2(M), TILE // block_n))
+    block_n = min(next_power_of_2(N), TILE)
+    block_m = max(1, min(next_power_of_2(M), TILE // block_n))
     return _Tiles(block_m, block_n, 8 if block_m * block_n >= 4096 else 4)
 
 
 def _grid(M: int, N: int):
     t = _tiles(M, N)
-    return (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),), t
+    return (cdiv(M, t.block_m) * cdiv(N, t.block_n),), t
 
 
 def activation_fwd(x: torch.Tensor, y: torch.Tensor, act: int, slope: float) -> None:
@@ -170,8 +170,8 @@ def activation_fwd(x: torch.Tensor, y: torch.Tensor, act: int, slope: float) -> 
     if M == 0 or N == 0:
         return
     grid, t = _grid(M, N)
-    activation_fwd_kernel[grid](x, y, M, N, x.stride(0), y.stride(0), slope, ACT=act,
-                                BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
+    launch(activation_fwd_kernel, grid, (x, y, M, N, x.stride(0), y.stride(0), slope),
+           dict(ACT=act, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps))
 
 
 def activation_bwd(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, act: int, slope: float) -> None:
@@ -179,8 +179,8 @@ def activation_bwd(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, act: int
     if M == 0 or N == 0:
         return
     grid, t = _grid(M, N)
-    activation_bwd_kernel[grid](dy, x, dx, M, N, dy.stride(0), x.stride(0), dx.stride(0), slope, ACT=act,
-                                BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
+    launch(activation_bwd_kernel, grid, (dy, x, dx, M, N, dy.stride(0), x.stride(0), dx.stride(0), slope),
+           dict(ACT=act, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps))
 
 
 def gated_fwd(g: torch.Tensor, u: torch.Tensor, y: torch.Tensor, act: int) -> None:
@@ -188,8 +188,8 @@ def gated_fwd(g: torch.Tensor, u: torch.Tensor, y: torch.Tensor, act: int) -> No
     if M == 0 or N == 0:
         return
     grid, t = _grid(M, N)
-    gated_fwd_kernel[grid](g, u, y, M, N, g.stride(0), u.stride(0), y.stride(0), ACT=act,
-                           BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
+    launch(gated_fwd_kernel, grid, (g, u, y, M, N, g.stride(0), u.stride(0), y.stride(0)),
+           dict(ACT=act, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps))
 
 
 def gated_bwd(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dg: torch.Tensor, du: torch.Tensor,
@@ -198,5 +198,6 @@ def gated_bwd(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dg: torch.Tens
     if M == 0 or N == 0:
         return
     grid, t = _grid(M, N)
-    gated_bwd_kernel[grid](dy, g, u, dg, du, M, N, dy.stride(0), g.stride(0), u.stride(0), dg.stride(0),
-                           du.stride(0), ACT=act, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
+    launch(gated_bwd_kernel, grid, (dy, g, u, dg, du, M, N, dy.stride(0), g.stride(0), u.stride(0),
+                                    dg.stride(0), du.stride(0)),
+           dict(ACT=act, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps))

@@ -9,6 +9,7 @@
   early prunes of their autotune lists (host-side Python, not jit).
 """
 import functools
+import os
 from typing import Optional
 
 import triton
@@ -185,3 +186,84 @@ def fits_shared_memory(kernel_name: str, named_args: dict, meta: dict, config) -
     estimate = shared_memory_estimate(kernel_name, named_args,
                                       {**meta, **config.kwargs, "num_stages": config.num_stages})
     return estimate is None or estimate <= max_shared_memory()
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side integer helpers for the launch glue: triton.cdiv and triton.next_power_of_2 are
+# ConstexprFunction objects since Triton 3.6 (~2.4 us a call on the host vs ~0.03 us for the
+# arithmetic; review 2026-12 T7), and the glue calls them several times per launch.
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints, as triton.cdiv."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, as triton.next_power_of_2 (0 for 0)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching without Triton's per-call binder work.
+#
+# `kernel[grid](*args, **meta)` runs Triton's JITFunction.run on every call: the generated binder
+# (specialises each argument), the cache key, the options, the grid, the launch metadata, then the
+# compiled kernel's C launcher: ~10 us of host Python per launch (bench/overhead.py, stand-in path),
+# which is the whole budget of a small norm or GELU call. `launch` keys the compiled kernel by what
+# makes Triton compile another one (each argument specialised by Triton's own
+# native_specialize_impl, with value and alignment specialisation on for every argument, so the
+# key is never coarser than the binder's; the constexprs and options; the device), and from the
+# second call on calls the C launcher directly: ~3 us. The first call of each key goes through
+# Triton (compiles or finds it, and launches), as does any call while a launch hook is set
+# (profilers: proton, TRITON_KERNEL_DUMP tools) or under the interpreter.
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_launches: dict = {}
+
+
+def _device_and_backend(fn):
+    from triton.runtime import driver
+    active = driver.active
+    device = active.get_current_device()
+    caches = fn.device_caches[device]
+    return active, device, caches[3], caches[4]  # backend, binder (Triton 3.6 and 3.9)
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook would do anything: Triton 3.6+ keeps a HookChain there, empty unless
+    a profiler added to it (the C launcher calls it, and the kernel builds launch metadata for
+    it, on every launch; with no hooks the shortcut passes None for both)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def launch(fn, grid, args: tuple, meta: dict) -> None:
+    """``fn[grid](*args, **meta)`` for a @triton.jit fn, the binder's work done once per key.
+
+    grid: a tuple, or a function of ``meta`` (the constexprs and config, not the positional
+    arguments) returning one.
+    """
+    if _INTERPRET:
+        fn[grid(meta) if callable(grid) else grid](*args, **meta)
+        return
+    from triton import knobs
+    from triton._C.libtriton import native_specialize_impl
+    runtime = knobs.runtime
+    if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
+        fn[grid(meta) if callable(grid) else grid](*args, **meta)
+        return
+    active, device, backend, binder = _device_and_backend(fn)
+    key = (fn, device, tuple(meta.items()),
+           tuple([native_specialize_impl(backend, a, False, True, True) for a in args]))
+    grid = grid(meta) if callable(grid) else grid
+    entry = _launches.get(key)
+    if entry is None:
+        kernel = fn[grid](*args, **meta)
+        if kernel is None or not hasattr(kernel, "packed_metadata"):  # not launched (a tool's stand-in)
+            return
+        tail = tuple(binder(*args, **meta)[0].values())[len(args):]  # the constexprs, in order
+        _launches[key] = (kernel.run, kernel.function, kernel.packed_metadata, tail)
+        return
+    run, function, packed, tail = entry
+    n = len(grid)
+    run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device),
+        function, packed, None, None, None, *args, *tail)

@@ -59,6 +59,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from dlh_kernels.triton_kernels.common import cdiv, launch
+
 # method and prediction codes, shared with csrc/diffusion_step.cu and the op module
 DDPM, DDIM, INTERP = 0, 1, 2
 EPSILON, V_PREDICTION, SAMPLE = 0, 1, 2
@@ -269,17 +271,16 @@ def diffusion_step(x, m, u, z, out, table, t, pt, seed, layout, per_batch, *, me
         noise = NOISE_NONE
     SEED, seed_int, _ = split(seed)
     flat = [s for tensor_strides in strides for s in tensor_strides]
-    grid = (triton.cdiv(n, BLOCK),)
-    diffusion_step_kernel[grid](
+    grid = (cdiv(n, BLOCK),)
+    launch(diffusion_step_kernel, grid, (
         x, m, u, z, out, table, T, PT, SEED,
         t_int, pt_int, seed_int, t_stride, pt_stride,
         n, per_batch, table.numel(),
         dims[1], dims[2], dims[3], *flat,
-        float(eta), float(clip or 0.0), float(guidance or 0.0),
-        METHOD=method, PRED=pred, CLIP=clip is not None, GUIDANCE=guidance is not None,
-        NOISE=noise, T_TENSOR=T is not None, PT_TENSOR=PT is not None,
-        SEED_TENSOR=SEED is not None, CONTIG=contig, BLOCK=BLOCK, num_warps=4,
-    )
+        float(eta), float(clip or 0.0), float(guidance or 0.0)),
+        dict(METHOD=method, PRED=pred, CLIP=clip is not None, GUIDANCE=guidance is not None,
+             NOISE=noise, T_TENSOR=T is not None, PT_TENSOR=PT is not None,
+             SEED_TENSOR=SEED is not None, CONTIG=contig, BLOCK=BLOCK, num_warps=4))
     return out
 
 
@@ -287,7 +288,6 @@ def seeded_randn(out, seed):
     """out (contiguous) filled with the step's noise stream for `seed` (int or int64 tensor)."""
     n = out.numel()
     tensor = not isinstance(seed, int)
-    seeded_randn_kernel[(triton.cdiv(n, BLOCK),)](
-        out, seed if tensor else None, 0 if tensor else seed, n,
-        SEED_TENSOR=tensor, BLOCK=BLOCK, num_warps=4)
+    launch(seeded_randn_kernel, (cdiv(n, BLOCK),), (out, seed if tensor else None, 0 if tensor else seed, n),
+           dict(SEED_TENSOR=tensor, BLOCK=BLOCK, num_warps=4))
     return out

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from dlh_kernels._cache import persistent_autotune
-from dlh_kernels.triton_kernels.common import fits_shared_memory, grouped_tile
+from dlh_kernels.triton_kernels.common import cdiv, fits_shared_memory, grouped_tile, launch, next_power_of_2
 from dlh_kernels.triton_kernels.conv2d import ACTIVATIONS, _epilogue
 
 __all__ = ["ACTIVATIONS", "linear", "linear_kernel", "linear_tile"]
@@ -155,7 +155,7 @@ def _prune_linear(configs, named_args, **kwargs):
 
 def _bucket(n: int) -> int:
     """Autotune key: the next power of two, so every batch size does not re-tune."""
-    return triton.next_power_of_2(max(1, n))
+    return next_power_of_2(max(1, n))
 
 
 def _interpreting() -> bool:
@@ -200,10 +200,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
                  INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_interpreting())
     if not _autotuned():
         c = INTERPRETER_MATMUL_CONFIG
-        grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
-        linear_kernel[grid](*args, **flags, **c)
+        grid = (cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"]),)
+        launch(linear_kernel, grid, args, {**flags, **c})
         return
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     _tuned_linear()[grid](*args, **flags)

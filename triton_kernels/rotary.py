@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dlh_kernels.triton_kernels.common import cdiv, launch, next_power_of_2
+
 # Elements per (heads x half-pairs) tile: enough loads in flight per program without spilling.
 TILE = 2048
 
@@ -146,16 +148,16 @@ def rotary(q: torch.Tensor, k: Optional[torch.Tensor], q_out: torch.Tensor, k_ou
     R = cos.shape[-1]
     if B * S == 0 or (Hq == 0 and Hk == 0):
         return
-    block_half = triton.next_power_of_2(R // 2)
-    block_h = max(1, min(triton.next_power_of_2(max(Hq, Hk, 1)), TILE // block_half))
-    block_pass = max(1, min(triton.next_power_of_2(max(D - R, 1)), 128))
+    block_half = next_power_of_2(R // 2)
+    block_h = max(1, min(next_power_of_2(max(Hq, Hk, 1)), TILE // block_half))
+    block_pass = max(1, min(next_power_of_2(max(D - R, 1)), 128))
     kk, ko = (q, q_out) if k is None else (k, k_out)  # placeholders: HAS_K=False never reads them
     grid = (B * S,)
-    rotary_kernel[grid](
+    launch(rotary_kernel, grid, (
         q, kk, q_out, ko, cos, sin, S, Hq, Hk, D, R,
         q.stride(0), q.stride(1), q.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
-        *_broadcast_strides(cos), *_broadcast_strides(sin),
-        INTERLEAVED=interleaved, BACKWARD=backward, HAS_K=k is not None,
-        BLOCK_H=block_h, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
-        num_warps=4 if block_h * block_half >= 1024 else 2)
+        *_broadcast_strides(cos), *_broadcast_strides(sin)),
+        dict(INTERLEAVED=interleaved, BACKWARD=backward, HAS_K=k is not None,
+             BLOCK_H=block_h, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
+             num_warps=4 if block_h * block_half >= 1024 else 2))

@@ -65,6 +65,8 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inte
     cos = cos.to(x.dtype).unsqueeze(unsqueeze_dim)
     sin = sin.to(x.dtype).unsqueeze(unsqueeze_dim)
     R = cos.shape[-1]
+    if R == x.shape[-1]:  # full rotary: transformers' own two products, no slice and no cat
+        return x * cos + _rot(x, interleaved) * sin
     x_rot, x_pass = x[..., :R], x[..., R:]
     return torch.cat([x_rot * cos + _rot(x_rot, interleaved) * sin, x_pass], dim=-1)
 
@@ -284,6 +286,9 @@ def rotary_embedding(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tens
     (``cos.shape[-1] < head_dim``), GPT-J's interleaved pairs (``interleaved=True``), k of another
     head count (GQA) or None. Returns ``(q_out, k_out)`` (``k_out`` None when k is None)."""
     dim = _check_rotary(q, k, cos, sin, unsqueeze_dim)
+    if _backend.plain_torch(backend, q):  # the torch backend, nobody watching
+        return (rotary_reference(q, cos, sin, interleaved, dim),
+                None if k is None else rotary_reference(k, cos, sin, interleaved, dim))
     be = _backend.choose(_OP, backend, q.device.type, _supports(q))
     if be == "torch":
         with profiling.torch_range(_OP):
