@@ -39,6 +39,20 @@ def dtype_reason(backend: str, dtype: torch.dtype, what: str = "input") -> Optio
 AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
 
 
+FP32_MATMUL_NOTE = ("fp32 without TF32 (torch.backends.cuda.matmul.allow_tf32 is False): the "
+                    "kernels' exact fp32 dots run on CUDA cores, far slower than cuBLAS, so auto "
+                    "runs torch; allow TF32 (or name the backend) to run the kernel")
+
+
+def matmul_auto_order(dtype: torch.dtype) -> tuple[str, ...]:
+    """``auto``'s order for the matmul-shaped ops (linear, linear_gelu): an fp32 call without TF32
+    allowed goes to torch (cuBLAS), the kernels' fp32 GEMM being ieee dots on CUDA cores
+    (review 2026-12 T4: kilobytes of stack, 5-25 s compiles, far below cuBLAS)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return ("torch",)
+    return AUTO_ORDER_CUDA
+
+
 def _check_name(name: str, what: str = "backend") -> str:
     if name not in _CHOICES:
         raise ValueError(f"{what} must be one of {_CHOICES}, got {name!r}")

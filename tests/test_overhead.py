@@ -24,6 +24,40 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
+def _fake_cuda(monkeypatch):
+    from dlh_kernels import _backend, _cache
+    for b in ("triton", "cuda"):
+        monkeypatch.setitem(_backend._REASONS, (b, "cuda"), None)
+    monkeypatch.setattr(_cache, "_auto_orders", {})  # nothing saved by dlh bench --save-auto
+    return _backend
+
+
+def test_auto_puts_the_cheapest_launch_first_for_host_bound_calls(monkeypatch):
+    _backend = _fake_cuda(monkeypatch)
+    small, big = _backend.HOST_BOUND_BYTES - 1, _backend.HOST_BOUND_BYTES
+    can = lambda b: None  # noqa: E731
+    assert _backend.choose("layer_norm", None, "cuda", can, nbytes=small) == "cuda"
+    assert _backend.choose("layer_norm", None, "cuda", can, nbytes=big) == "triton"
+    assert _backend.choose("layer_norm", None, "cuda", can) == "triton"  # size unknown: the order
+    no_cuda = lambda b: "no" if b == "cuda" else None  # noqa: E731
+    assert _backend.choose("layer_norm", None, "cuda", no_cuda, nbytes=small) == "triton"
+    assert _backend.explain_choice("cuda", can, nbytes=small)["auto"] == "picks cuda"
+    # an order measured on this device wins over the rule
+    monkeypatch.setattr(_backend._cache, "_auto_orders", {"layer_norm": ["triton"]})
+    assert _backend.choose("layer_norm", None, "cuda", can, nbytes=small) == "triton"
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_auto_runs_fp32_matmuls_on_torch_without_tf32(monkeypatch, tf32):
+    _backend = _fake_cuda(monkeypatch)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    order = _backend.matmul_auto_order(torch.float32)
+    assert _backend.choose("linear_gelu", None, "cuda", lambda b: None, order) == ("triton" if tf32 else "torch")
+    assert _backend.matmul_auto_order(torch.bfloat16) == _backend.AUTO_ORDER_CUDA
+    # a backend named explicitly still runs the kernel
+    assert _backend.choose("linear_gelu", "triton", "cuda", lambda b: None, order) == "triton"
+
+
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     # the suite runs Triton through its interpreter on CPU; the stand-in path needs the compiled
     # one, chosen before triton is imported: these tests run again in a child process

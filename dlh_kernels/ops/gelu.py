@@ -470,7 +470,8 @@ def linear_gelu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     tanh = _check_linear_gelu(input, weight, bias, approximate)
     if _backend.plain_torch(backend, input):
         return F.gelu(F.linear(input, weight, bias), approximate=approximate)
-    be = _backend.choose("linear_gelu", backend, input.device.type, _supports_linear_gelu(input))
+    be = _backend.choose("linear_gelu", backend, input.device.type, _supports_linear_gelu(input),
+                         _backend.matmul_auto_order(input.dtype))
     if be == "torch":
         with profiling.torch_range("linear_gelu"):
             return F.gelu(F.linear(input, weight, bias), approximate=approximate)
@@ -488,5 +489,9 @@ def explain(op: str, args: dict) -> dict:
         can = _supports_elementwise(x)
     else:
         _check_linear_gelu(x, args["weight"], args["bias"], args["approximate"])
-        can = _supports_linear_gelu(x)
+        order = _backend.matmul_auto_order(x.dtype)
+        verdict = _backend.explain_choice(x.device.type, _supports_linear_gelu(x), order)
+        if order == ("torch",) and x.is_cuda:
+            verdict["auto"] += f" ({_backend.FP32_MATMUL_NOTE})"
+        return verdict
     return _backend.explain_choice(x.device.type, can)

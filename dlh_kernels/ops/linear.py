@@ -217,7 +217,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     act = _check(input, weight, bias, activation, negative_slope)
     if activation is None and _backend.plain_torch(backend, input):  # torch backend, nobody watching
         return F.linear(input, weight, bias)
-    be = _backend.choose("linear", backend, input.device.type, _supports(input))
+    be = _backend.choose("linear", backend, input.device.type, _supports(input),
+                         _backend.matmul_auto_order(input.dtype))
     if be == "torch":
         with profiling.torch_range("linear"):
             return linear_reference(input, weight, bias, activation, negative_slope)
@@ -228,4 +229,8 @@ def explain(op: str, args: dict) -> dict:
     """Per backend, "ok" or why it would not run this call; and what `auto` picks."""
     x = args["input"]
     _check(x, args["weight"], args.get("bias"), args.get("activation"), args.get("negative_slope", 0.01))
-    return _backend.explain_choice(x.device.type, _supports(x))
+    order = _backend.matmul_auto_order(x.dtype)
+    verdict = _backend.explain_choice(x.device.type, _supports(x), order)
+    if order == ("torch",) and x.is_cuda:
+        verdict["auto"] += f" ({_backend.FP32_MATMUL_NOTE})"
+    return verdict
