@@ -287,6 +287,11 @@ def rotary_embedding(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tens
     head count (GQA) or None. Returns ``(q_out, k_out)`` (``k_out`` None when k is None)."""
     dim = _check_rotary(q, k, cos, sin, unsqueeze_dim)
     if _backend.plain_torch(backend, q):  # the torch backend, nobody watching
+        if cos.shape[-1] == q.shape[-1] and (k is None or k.dtype == q.dtype):
+            # full rotary: transformers' own lines, cos/sin cast and unsqueezed once for q and k
+            c, s = cos.to(q.dtype).unsqueeze(dim), sin.to(q.dtype).unsqueeze(dim)
+            rot = rotate_every_two if interleaved else rotate_half
+            return q * c + rot(q) * s, None if k is None else k * c + rot(k) * s
         return (rotary_reference(q, cos, sin, interleaved, dim),
                 None if k is None else rotary_reference(k, cos, sin, interleaved, dim))
     be = _backend.choose(_OP, backend, q.device.type, _supports(q))
