@@ -27,8 +27,9 @@
 // four banks, so the eight row addresses of every ldmatrix hit distinct banks, for each head dim.
 // Masks (optional): bool (one byte per element, nonzero = attend) or fp32 additive, of any
 // broadcast shape through four strides (0 for broadcast dims); read per element, in the epilogue.
-// Dropout (optional): the Triton kernels' Philox keep mask, element for element (same seed, same
-// mask); the softmax sums keep every probability, O sums the kept ones, times 1 / (1 - p).
+// Dropout (optional): the Triton kernels' Philox keep mask (same seed, same mask; one Philox call
+// per 4 keys of a row, shared between lanes by shuffles); the softmax sums keep every probability,
+// O sums the kept ones, times 1 / (1 - p).
 // Head dims: 32, 64, 96, 128, 256 forward; up to 128 backward (dK and dV for 256 would not fit
 // in registers). Q, K, V need unit stride along the head dim, row strides that are multiples of
 // 8 elements and 16-byte aligned bases (cp.async moves 16 bytes); the Python glue copies
@@ -230,11 +231,76 @@ __device__ __forceinline__ float masked(const AttnParams& p, const unsigned char
   return s;
 }
 
-// Dropout: whether score (row, col) of query head bh = b * Hq + h is kept. The Triton kernels'
-// stream exactly (tl.rand(seed, (bh * L + row) * S + col) >= dropout_p), so one seed gives one
-// mask on both backends (and ops.attention.dropout_mask reproduces it).
-__device__ __forceinline__ bool kept(const AttnParams& p, uint64_t seed, int64_t bh, int row, int col) {
-  return philox_uniform(seed, static_cast<uint64_t>((bh * p.L + row) * p.S + col)) >= p.dropout_p;
+// Dropout: the Triton kernels' stream exactly (triton_kernels/attention.py, _keep), so one seed
+// gives one mask on both backends (and ops.attention.dropout_mask / dropout_keep_reference
+// reproduce it). One Philox4x32-10 call decides 4 consecutive keys of a row: key group j (keys
+// 4j .. 4j + 3) of row `row` of query head bh has the counter (bh * L + row) * ceil(S / 4) + j,
+// and its word w keeps key 4j + w when Triton's uniform of it is >= p (tl.rand4x).
+//
+// Philox4x32-10 of the counter (index low word, index high word, 0, 0) keyed by the 64-bit seed:
+// all four words (tl.randint4x; common.cuh's philox_words returns the first two).
+__device__ __forceinline__ void philox4(uint64_t seed, uint64_t index, uint32_t& w0, uint32_t& w1, uint32_t& w2,
+                                        uint32_t& w3) {
+  uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hi_b = mulhi32(0xCD9E8D57u, c2), hi_a = mulhi32(0xD2511F53u, c0);
+    const uint32_t lo_b = 0xCD9E8D57u * c2, lo_a = 0xD2511F53u * c0;
+    c0 = hi_b ^ c1 ^ k0;
+    c2 = hi_a ^ c3 ^ k1;
+    c1 = lo_b;
+    c3 = lo_a;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  w0 = c0;
+  w1 = c1;
+  w2 = c2;
+  w3 = c3;
+}
+
+// The keep decisions of key group `group` of row `row`: bit w for key 4 * group + w.
+__device__ __forceinline__ unsigned keep_bits(const AttnParams& p, uint64_t seed, int64_t bh, int row, int group) {
+  const int64_t groups = (p.S + 3) / 4;
+  uint32_t w0, w1, w2, w3;
+  philox4(seed, static_cast<uint64_t>((bh * p.L + row) * groups + group), w0, w1, w2, w3);
+  const float q = p.dropout_p;
+  return static_cast<unsigned>(uniform01(w0) >= q) | static_cast<unsigned>(uniform01(w1) >= q) << 1 |
+         static_cast<unsigned>(uniform01(w2) >= q) << 2 | static_cast<unsigned>(uniform01(w3) >= q) << 3;
+}
+
+// The keep decisions of one m16n8 accumulator fragment in the scores' orientation (rows = queries
+// row0 + g, row0 + g + 8; cols = keys col0 + 2t, col0 + 2t + 1, col0 a multiple of 8): bit e for
+// element e (row half e >> 1, col e & 1). Lanes t and t ^ 1 hold the two halves of each key group
+// 4 * (t >> 1) of both rows, so the even lane draws row0 + g's group and the odd one row0 + g + 8's,
+// and they swap them: one Philox call per 4 elements. Every lane of the warp must call it.
+__device__ __forceinline__ unsigned kept_fragment(const AttnParams& p, uint64_t seed, int64_t bh, int row0,
+                                                  int col0) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, odd = t & 1;
+  const unsigned mine = keep_bits(p, seed, bh, row0 + g + 8 * odd, (col0 >> 2) + (t >> 1));
+  const unsigned other = __shfl_xor_sync(0xffffffffu, mine, 1);
+  const unsigned top = odd ? other : mine, bottom = odd ? mine : other;  // rows g, g + 8
+  return (top >> (2 * odd) & 3u) | (bottom >> (2 * odd) & 3u) << 2;
+}
+
+// The same in the transposed orientation of the dK/dV kernel (rows = keys key0 + g, key0 + g + 8
+// with key0 a multiple of 16; cols = queries col0 + 2t, col0 + 2t + 1): bit e for element e (key
+// half e >> 1, query e & 1). A key group is 4 consecutive g, so the 4 lanes of equal t and g >> 2
+// (lane bits 2-3: i = g & 3) need the same 4 calls, (query col0 + 2t + (c & 1), key group of
+// key0 + g + 8 * (c >> 1)) for c = 0..3, and lane i needs bit i of each: lane i draws call i and
+// the quad transposes its 4 x 4 bits with three shuffles.
+__device__ __forceinline__ unsigned kept_fragment_t(const AttnParams& p, uint64_t seed, int64_t bh, int key0,
+                                                    int col0) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, i = g & 3;
+  const unsigned mine = keep_bits(p, seed, bh, col0 + 2 * t + (i & 1), ((key0 + (g & ~3) + 8 * (i >> 1)) >> 2));
+  unsigned bits = (mine >> i & 1u) << i;  // x = 0: element e = i from this lane's own call
+#pragma unroll
+  for (int x = 1; x < 4; ++x) {  // from the lane holding call i ^ x: element e = i ^ x, key offset i
+    const unsigned from = __shfl_xor_sync(0xffffffffu, mine, x << 2);
+    bits |= (from >> i & 1u) << (i ^ x);
+  }
+  return bits;
 }
 
 template <bool DROPOUT>
@@ -378,10 +444,12 @@ __global__ void __launch_bounds__(kThreads, 2) attention_fwd_kernel(const AttnPa
 
     if constexpr (DROPOUT) {  // the row sums keep every p; O sums the kept ones (rescaled at the end)
 #pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt)
+      for (int nt = 0; nt < BN / 8; ++nt) {
+        const unsigned keep = kept_fragment(p, seed, bh, m0 + wm, n0 + nt * 8);
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          if (!kept(p, seed, bh, m0 + wm + g + 8 * (e >> 1), n0 + nt * 8 + 2 * t + (e & 1))) s[nt][e] = 0.f;
+          if (!(keep >> e & 1u)) s[nt][e] = 0.f;
+      }
     }
     mma_p_b<BN, D, LD>(o, s, cV);  // O += P V
     __syncthreads();  // every warp is done with this buffer before it is refilled
@@ -503,6 +571,7 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
     const bool full = interior(p, m0, BM, n0 + wn, 16);
 #pragma unroll
     for (int nt = 0; nt < BM / 8; ++nt) {
+      const unsigned keep = DROPOUT ? kept_fragment_t(p, seed, bh, n0 + wn, m0 + nt * 8) : 0u;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = n0 + wn + g + (e >> 1) * 8;
@@ -512,7 +581,7 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
         const float pr = exp2f(x - cL[col]);
         float dp = dpt[nt][e], pd = pr;  // dropout: dV sees the kept, rescaled P; dP is masked alike
         if constexpr (DROPOUT) {
-          const bool k = kept(p, seed, bh, m0 + col, key);
+          const bool k = keep >> e & 1u;
           pd = k ? pr * p.keep_scale : 0.f;
           dp = k ? dp * p.keep_scale : 0.f;
         }
@@ -591,13 +660,14 @@ __global__ void __launch_bounds__(kThreads, 2) attention_dq_kernel(const AttnPar
     const bool full = interior(p, m0 + wm, 16, n0, BN);
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
+      const unsigned keep = DROPOUT ? kept_fragment(p, seed, bh, m0 + wm, n0 + nt * 8) : 0u;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = e >> 1, row = m0 + wm + g + 8 * i, col = n0 + nt * 8 + 2 * t + (e & 1);
         float x = s[nt][e] * p.scale_log2;
         if (!full) x = masked(p, mask, row, col, x);
         float d = dp[nt][e];
-        if constexpr (DROPOUT) d = kept(p, seed, bh, row, col) ? d * p.keep_scale : 0.f;
+        if constexpr (DROPOUT) d = (keep >> e & 1u) ? d * p.keep_scale : 0.f;
         dp[nt][e] = exp2f(x - lse[i]) * (d - delta[i]);
         if (p.dscores != nullptr && row < p.L && col < p.S) p.dscores[(bh * p.L + row) * p.S + col] = dp[nt][e];
       }

@@ -348,6 +348,40 @@ def test_dropout_keep_mask_statistics():
     assert abs(per_row.std().item() - math.sqrt(96 * p * (1 - p))) < 1.0
 
 
+# (B, H, L, S): why this shape. The stream: one Philox call per 4 consecutive keys of a row
+# (attn.dropout_keep_reference writes it out in NumPy, independently of the kernels).
+KEEP_STREAM_SHAPES = [
+    (1, 2, 5, 37),     # S odd, not a multiple of 4: the last group of each row is partial
+    (2, 3, 17, 64),    # several key tiles of the keep-mask kernel's 64, batch x heads > 1
+    (1, 1, 3, 1),      # one key: a group of 1
+    (1, 1, 70, 130),   # L and S past one 64-tile, S = 2 mod 4
+]
+
+
+@pytest.mark.parametrize("B,H,L,S", KEEP_STREAM_SHAPES)
+def test_dropout_keep_mask_is_the_documented_stream(B, H, L, S):
+    for seed_value, p in ((2**40 + 12345, 0.3), (2**62 - 7, 0.1)):   # high seed words set
+        seed = torch.tensor([seed_value], dtype=torch.int64, device=DEVICE)
+        keep = kernels.dropout_keep_mask(seed, B, H, L, S, p).cpu()
+        assert torch.equal(keep, attn.dropout_keep_reference(seed_value, B, H, L, S, p))
+
+
+def test_dropout_stream_keep_fraction():
+    # many elements of the reference stream (the kernels equal it, above): the keep rate is 1 - p,
+    # and each of the 4 words of a Philox call (key % 4) keeps at that rate on its own
+    p, B, H, L, S = 0.3, 2, 4, 128, 257
+    keep = attn.dropout_keep_reference(123456789, B, H, L, S, p)
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    for w in range(4):
+        lane = keep[..., w::4]
+        assert abs(lane.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / lane.numel())
+    # neighbouring keys decided by one call are not correlated
+    a, b = keep[..., 0:-1:4].float(), keep[..., 1::4].float()
+    corr = ((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std())
+    assert abs(corr.item()) < 5 / math.sqrt(a.numel())
+
+
 def test_dropout_mean_is_unbiased():
     # with v = 1, each output element is sum_j P_ij Z_ij / (1 - p): its expectation is 1
     p = 0.3
@@ -365,11 +399,12 @@ def test_dropout_mean_is_unbiased():
     dict(dtype=torch.float32, causal=True, Hkv=1),            # with MQA
     dict(dtype=torch.float32, causal=False, mask=True),       # with a learned bias
     dict(dtype=torch.bfloat16, causal=True),
-], ids=["fp32", "fp32_causal_mqa", "fp32_bias", "bf16_causal"])
+    dict(dtype=torch.float32, causal=True, S=37),             # S odd: partial key groups
+], ids=["fp32", "fp32_causal_mqa", "fp32_bias", "bf16_causal", "fp32_causal_S37"])
 def test_dropout_gradients_match_dense_reference(case):
-    Hkv = case.get("Hkv", 2)
-    q, k, v = make_qkv(1, 2, Hkv, 23, 30, 32, 32, case["dtype"])
-    mask = _mask((1, 2, 23, 30), "float", case["dtype"]) if case.get("mask") else None
+    Hkv, S = case.get("Hkv", 2), case.get("S", 30)
+    q, k, v = make_qkv(1, 2, Hkv, 23, S, 32, 32, case["dtype"])
+    mask = _mask((1, 2, 23, S), "float", case["dtype"]) if case.get("mask") else None
     check_call("triton", q, k, v, mask, dropout_p=0.25, is_causal=case["causal"],
                enable_gqa=Hkv != 2)
 
@@ -380,6 +415,53 @@ def test_dropout_runs_and_varies(backend):
     a = DF.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend=backend)
     b = DF.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend=backend)
     assert torch.isfinite(a).all() and not torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# GQA/MQA dK/dV with the group's query heads split over several programs (review 2026-12, T9):
+# the split is forced under the interpreter by a small SM count.
+
+def _spy_split(monkeypatch) -> list:
+    seen = []
+    real = kernels.dkdv_head_split
+
+    def spy(programs, group, sms):
+        seen.append(real(programs, group, sms))
+        return seen[-1]
+    monkeypatch.setattr(kernels, "dkdv_head_split", spy)
+    return seen
+
+
+# (Hq, Hkv, L, S, causal, mask, dropout_p, dq_mode, sms -> split): why this case
+GQA_SPLIT_CASES = [
+    (8, 1, 20, 37, False, None, 0.0, "separate", 4, 4),     # MQA, 8 heads in parts of 2, S odd
+    (8, 1, 29, 37, True, None, 0.2, "separate", 64, 8),     # one head per part, causal, dropout
+    (3, 1, 21, 19, False, "bool", 0.25, "separate", 8, 3),  # group 3, bool mask, dropout
+    (3, 1, 22, 37, True, None, 0.1, "separate", 8, 3),      # group 3, causal, dropout, S odd
+    (10, 2, 18, 33, False, "float", 0.1, "separate", 4, 3),  # GQA 5 per K/V head: parts 2, 2, 1
+    (8, 2, 17, 23, True, None, 0.2, "atomic", 8, 4),        # atomic dQ beside the split, causal
+]
+
+
+@pytest.mark.parametrize("Hq,Hkv,L,S,causal,mask_kind,p,dq_mode,sms,split", GQA_SPLIT_CASES)
+def test_gqa_dkdv_head_split(Hq, Hkv, L, S, causal, mask_kind, p, dq_mode, sms, split, monkeypatch):
+    seen = _spy_split(monkeypatch)
+    monkeypatch.setattr(kernels, "SM_COUNT", sms)
+    monkeypatch.setattr(kernels, "DQ_MODE", dq_mode)
+    q, k, v = make_qkv(1, Hq, Hkv, L, S, 16, 16, torch.float32, seed=Hq + S)
+    mask = _mask((1, Hq, L, S), mask_kind, torch.float32) if mask_kind else None
+    check_call("triton", q, k, v, mask, dropout_p=p, is_causal=causal, enable_gqa=True)
+    assert seen and seen[-1][0] == split, seen
+
+
+def test_dkdv_head_split_fills_an_h200():
+    # MQA, B = 1, S = 4096, BLOCK_N = 128: 32 programs on 132 SMs without the split
+    assert kernels.dkdv_head_split(32, 8, 132) == (8, 1)             # 256: as many as the group allows
+    split, per = kernels.dkdv_head_split(32, 32, 132)                # 32 heads: >= 2 per SM
+    assert split * 32 >= 2 * 132 and per * split >= 32 and per * (split - 1) < 32
+    assert kernels.dkdv_head_split(32 * 16, 8, 132) == (1, 8)        # big enough already
+    assert kernels.dkdv_head_split(32, 1, 132) == (1, 1)             # MHA: nothing to split
+    assert kernels.dkdv_head_split(32, 8, None) == (1, 8)            # no SM count: no split
 
 
 # ---------------------------------------------------------------------------------------------

@@ -224,9 +224,11 @@ def _check_emulated(A, B, Hq, Hkv, L, S, D, dtype, causal, mask_kind=None, layou
     scale = 1.0 / math.sqrt(D)
     gqa = Hq != Hkv
     seed = keep = None
-    if dropout_p > 0:  # the reference drops what the Triton kernels' stream drops for this seed
-        seed = torch.tensor([(L * 7919 + S) * 104729 + 2**40], dtype=torch.int64)
-        keep = attn.dropout_mask((B, Hq, L), (B, Hkv, S), dropout_p, seed)
+    if dropout_p > 0:  # the reference drops what the documented stream drops for this seed,
+        seed_value = (L * 7919 + S) * 104729 + 2**40  # which is the Triton kernels' keep mask
+        seed = torch.tensor([seed_value], dtype=torch.int64)
+        keep = attn.dropout_keep_reference(seed_value, B, Hq, L, S, dropout_p)
+        assert torch.equal(keep, attn.dropout_mask((B, Hq, L), (B, Hkv, S), dropout_p, seed))
     out, lse = A._cuda_fwd(q.detach(), k.detach(), v.detach(), mask, seed, dropout_p, causal, scale)
 
     additive = mask is not None and mask.dtype != torch.bool  # its gradient is checked too
@@ -288,9 +290,11 @@ def test_attention_emulated_on_cpu(cuda_glue, emulated_attention, B, Hq, Hkv, L,
 @pytest.mark.parametrize("B,Hq,Hkv,L,S,D,dtype,causal,mask,p", [
     (1, 2, 1, 40, 70, 64, BF16, False, None, 0.3),    # 2 key tiles, MQA: the keep index uses the query head
     (2, 1, 1, 70, 45, 32, F16, True, "bool", 0.5),    # 2 query blocks, causal, bool mask, batch 2
+    (1, 3, 1, 21, 37, 32, F16, True, None, 0.2),      # S odd (partial key groups), L odd, group 3
 ])
 def test_attention_dropout_emulated_on_cpu(cuda_glue, B, Hq, Hkv, L, S, D, dtype, causal, mask, p):
-    """The CUDA kernels drop exactly the Triton kernels' keep mask for a seed (dropout_mask)."""
+    """The CUDA kernels drop exactly the Triton kernels' keep mask for a seed (dropout_mask), which is
+    the documented stream (dropout_keep_reference): one Philox call per 4 keys of a row."""
     _check_emulated(cuda_glue, B, Hq, Hkv, L, S, D, dtype, causal, mask, dropout_p=p)
 
 

@@ -28,10 +28,14 @@ storing it. With dPd = dO V^T and dP = dPd * Z / (1 - p):
 Kernels:
 - attn_fwd_kernel:           grid (query blocks, B * Hq).
 - attn_bwd_preprocess_kernel: delta = rowsum(dO * O).
-- attn_bwd_dkdv_kernel:      grid (key blocks, B * Hkv); a program keeps its K/V block and its
-                             dK/dV accumulators in registers and walks every query block of
-                             every query head of its group, so grouped-query gradients are
-                             summed in registers, in a fixed order, without atomics.
+- attn_bwd_dkdv_kernel:      grid (key blocks, B * Hkv * SPLIT); a program keeps its K/V block
+                             and its dK/dV accumulators in registers and walks every query block
+                             of the query heads of its group (all of them when SPLIT = 1), so
+                             grouped-query gradients are summed in registers, in a fixed order,
+                             without atomics. GQA/MQA grids too small for the GPU (fewer than
+                             DKDV_PROGRAMS_PER_SM programs per SM) split the group's heads over
+                             SPLIT programs that write fp32 partials, summed by the glue in a
+                             fixed order (dkdv_head_split).
                              Optionally (ATOMIC_DQ) it also adds dS K into an fp32 dQ with
                              atomics: fewer FLOPs, not deterministic.
 - attn_bwd_dq_kernel:        grid (query blocks, B * Hq); dQ for a query block over every key
@@ -43,10 +47,13 @@ Kernels:
                              along, summing dS in registers (no atomics, no (B, H, L, S) buffer).
 - attn_dropout_mask_kernel:  the keep mask the other kernels draw, for tests and debugging.
 
-Dropout: Philox (tl.rand) keyed by a 64-bit seed the op draws from torch's generator (a device
-tensor, so CUDA graphs and torch.compile see no host sync), counter = the element's index
-((b * Hq + h) * L + i) * S + j as a 64-bit integer. Every kernel regenerates exactly the same
-keep decision for an element from (seed, index), whatever its block sizes.
+Dropout: Philox4x32-10 (tl.rand4x) keyed by a 64-bit seed the op draws from torch's generator (a
+device tensor, so CUDA graphs and torch.compile see no host sync). One call decides 4 consecutive
+keys of a row: keys 4j .. 4j + 3 of row i of head bh = b * Hq + h take the call of the 64-bit
+counter (bh * L + i) * ceil(S / 4) + j, word w deciding key 4j + w (keep when its uniform >= p).
+Every kernel regenerates exactly the same keep decision for an element from (seed, its group),
+whatever its block sizes (key tiles start at multiples of 16); csrc/attention.cu draws the same
+stream and ops.attention.dropout_keep_reference writes it out.
 
 Layouts: Q, K, V, dO take any strides (the launch helpers see 4-D views); broadcast dims may
 have stride 0. Head dims are constexprs (HEAD_D, HEAD_DV), padded to powers of two (BLOCK_D),
@@ -69,6 +76,14 @@ Versions:
   dmask and keep-mask tiles on axis x; the atomic-dQ reset hook in a dK/dV autotuner of its
   own (the separate mode's DQ=None crashed Triton 3.6's hook in every tuned backward). The
   tuned path is exercised on CPU by tests/test_autotune.py (stub benchmarker).
+- v1.2: dropout from one Philox call per 4 keys (was one per element, 1 of its 4 words used):
+  launch-exact sm_90, bf16 hd64, Triton 3.6, SASS instructions / registers with dropout: forward
+  (128,64,8,3) 5260 -> 3330 / 141 -> 177 (without dropout: 1407 / 109), dQ (128,64,8,3)
+  2891 -> 1859 / 157 -> 204, dK/dV (64,128,8,2) 3202 -> 2220 / 255 -> 255, spill stores 3 -> 0
+  (the 4 words reach the score tile's layout through shared memory: + BLOCK_M * BLOCK_N bytes;
+  the fixed bf16 hd128 dK/dV with an additive mask spills 58 stores, was 27). The dK/dV grid
+  splits a GQA/MQA group's heads when it would have fewer than 2 programs per SM (MQA, B = 1,
+  S = 4096: 32 -> 256 programs on an H200). Not yet timed on a GPU.
 """
 from __future__ import annotations
 
@@ -80,6 +95,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dlh_kernels import _ext
 from dlh_kernels._alloc import empty
 from dlh_kernels._cache import persistent_autotune
 from dlh_kernels.triton_kernels.common import fits_shared_memory
@@ -99,6 +115,15 @@ DQ_MODE = "separate"
 # Problems with fewer rows than this use one fixed configuration on the GPU; larger ones are
 # autotuned (per kernel, per power-of-two length bucket, head dims, features and dtype).
 AUTOTUNE_MIN_LEN = 256
+
+# The dK/dV grid is (key blocks, B * Hkv): with GQA/MQA and few key blocks it leaves SMs idle (MQA,
+# B = 1, S = 4096, BLOCK_N = 128: 32 programs on an H200's 132 SMs). Below DKDV_PROGRAMS_PER_SM
+# programs per SM, the group's query heads are split over more programs, each summing its part
+# into an fp32 partial dK/dV that the glue adds up in a fixed order (dkdv_head_split). SM_COUNT:
+# None takes the device's (on a GPU) and never splits under the interpreter; tests set it to
+# force the split on CPU.
+DKDV_PROGRAMS_PER_SM = 2
+SM_COUNT: Optional[int] = None
 
 # CUDA caps grid axes y and z at 65,535 each (x at 2^31 - 1). Batch x heads passes that in real
 # models (video attention folds B * H * W into the batch), so it runs over axes y and z together
@@ -126,10 +151,24 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr):
     return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 @triton.jit
-def _keep(seed, bh, rows, cols, L, S, dropout_p):
-    """Dropout keep decisions for the elements (rows, cols) of head bh (broadcastable 2-D)."""
-    index = (bh.to(tl.int64) * L + rows.to(tl.int64)) * S + cols.to(tl.int64)
-    return tl.rand(seed, index) >= dropout_p
+def _keep(seed, bh, rows, start_n, L, S, dropout_p, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) dropout keep decisions of head bh for the query rows `rows` (1-D) and
+    the keys start_n + [0, BLOCK_N) (start_n a multiple of 4).
+
+    One Philox4x32-10 call decides 4 consecutive keys of a row: the call of key group
+    j = key // 4 of row i has the 64-bit counter (bh * L + i) * ceil(S / 4) + j, and its word w
+    (tl.rand4x's uniform u_w) keeps key 4j + w when u_w >= p. So the tile draws on a
+    (BLOCK_M, BLOCK_N / 4) grid and interleaves the 4 outputs along the keys: join twice gives
+    [m, j, a, b] = u_(2a + b) (join stacks on a new last axis, so the outer join holds b), which
+    reshaped row-major to (BLOCK_M, BLOCK_N) is key 4j + 2a + b. csrc/attention.cu draws the
+    same stream (philox4, keep_bits) and ops.attention.dropout_keep_reference writes it out.
+    """
+    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    index = (bh.to(tl.int64) * L + rows.to(tl.int64))[:, None] * ((S + 3) // 4) + groups[None, :]
+    u0, u1, u2, u3 = tl.rand4x(seed, index)
+    keep = tl.join(tl.join(u0 >= dropout_p, u2 >= dropout_p),
+                   tl.join(u1 >= dropout_p, u3 >= dropout_p))
+    return tl.reshape(keep, (rows.shape[0], BLOCK_N))
 
 
 @triton.jit
@@ -205,7 +244,7 @@ def _fwd_tile(acc, m_i, l_i, q, K_head, V_head, M_head, seed, bh, rows, row_ok, 
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        p = tl.where(_keep(seed, bh, rows[:, None], keys[None, :], L, S, dropout_p), p, 0.0)
+        p = tl.where(_keep(seed, bh, rows, start_n, L, S, dropout_p, BLOCK_N), p, 0.0)
     if KEY_MASKS:
         v = tl.load(v_ptrs, mask=key_ok[:, None] & (dv < HEAD_DV)[None, :], other=0.0)
     elif HEAD_DV == BLOCK_DV:
@@ -330,13 +369,14 @@ def attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_tile(dk, dv_acc, k, v, Q_head, DO_head, Lse_head, Delta_head, M_head, DQ_head, seed, bh,
-               keys, key_ok, start_m,
+               keys, key_ok, n0, start_m,
                stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
                stride_dqm, stride_dqd,
                L, S, qk_scale, sm_scale, dropout_p,
                CAUSAL_MASK: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                ATOMIC_DQ: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     """One query block's contribution to a key block's dK and dV, in transposed orientation
     (keys along the rows of every tile: (BLOCK_N, BLOCK_M)).
@@ -364,15 +404,18 @@ def _dkdv_tile(dk, dv_acc, k, v, Q_head, DO_head, Lse_head, Delta_head, M_head, 
     if MASK_KIND == 1:
         m_ptrs = M_head + rows.to(tl.int64)[None, :] * stride_mm + keys[:, None] * stride_mn
         pT = tl.where(tl.load(m_ptrs, mask=row_ok[None, :] & key_ok[:, None], other=0) != 0, pT, 0.0)
-    dpT = _dot(v, tl.trans(do), DOT_PRECISION)            # (dO V^T)^T
+    # dropout: the keep tile is drawn before dP^T exists and dV is updated first, so the Philox
+    # temporaries never share the registers with both P^T and dP^T
     if DROPOUT:
         inv_keep = 1.0 / (1.0 - dropout_p)
-        keepT = _keep(seed, bh, rows[None, :], keys[:, None], L, S, dropout_p)
+        keepT = tl.trans(_keep(seed, bh, rows, n0, L, S, dropout_p, BLOCK_N))
         pdT = tl.where(keepT, pT * inv_keep, 0.0)
-        dpT = tl.where(keepT, dpT * inv_keep, 0.0)
     else:
         pdT = pT
     dv_acc += _dot(pdT.to(do.dtype), do, DOT_PRECISION)
+    dpT = _dot(v, tl.trans(do), DOT_PRECISION)            # (dO V^T)^T
+    if DROPOUT:
+        dpT = tl.where(keepT, dpT * inv_keep, 0.0)
     dsT = pT * (dpT - delta[None, :])
     dk += _dot(dsT.to(q.dtype), q, DOT_PRECISION)
     if ATOMIC_DQ:
@@ -390,8 +433,9 @@ def attn_bwd_dkdv_kernel(
     DO,         # output gradient, (B, Hq, L, HEAD_DV), any strides
     Lse,        # (B * Hq, L) fp32 from the forward
     Delta,      # (B * Hq, L) fp32 from the preprocess kernel
-    DK,         # (B, Hkv, S, HEAD_D) out
-    DV,         # (B, Hkv, S, HEAD_DV) out
+    DK,         # (B, Hkv * SPLIT, S, HEAD_D) out: dK, or (SPLIT > 1) fp32 partial sums, K/V head
+                # hk's part j at head hk * SPLIT + j (the glue sums them)
+    DV,         # (B, Hkv * SPLIT, S, HEAD_DV) out: likewise
     DQ,         # ATOMIC_DQ: (B, Hq, L, HEAD_D) fp32, zeroed, accumulated into; else None
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -402,6 +446,7 @@ def attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     BHkv, Hq, Hkv, L, S, GROUP,     # BHkv = B * Hkv
+    SPLIT, GROUP_PART,              # the group's query heads in SPLIT parts of GROUP_PART heads
     qk_scale, sm_scale, dropout_p,
     L_BUCKET, S_BUCKET,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
@@ -410,10 +455,15 @@ def attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # grid (key blocks, B * Hkv * SPLIT): program (n, (b * Hkv + hk) * SPLIT + part) sums the query
+    # heads [part * GROUP_PART, (part + 1) * GROUP_PART) of the group; SPLIT > 1 only when the
+    # grid would otherwise leave SMs idle (GQA/MQA with few key blocks, see dkdv_head_split)
     pid_n = tl.program_id(0)
-    bhk = _program_bh()
-    if bhk >= BHkv:
+    pid_bh = _program_bh()
+    if pid_bh >= BHkv * SPLIT:
         return
+    bhk = pid_bh // SPLIT
+    part = pid_bh % SPLIT
     b = bhk // Hkv
     hk = bhk % Hkv
     n0 = pid_n * BLOCK_N
@@ -439,7 +489,9 @@ def attn_bwd_dkdv_kernel(
     else:
         q_start = 0
         q_full = 0
-    for g in range(0, GROUP):  # the query heads that share this K/V head, in order
+    g_lo = part * GROUP_PART
+    g_hi = tl.minimum(g_lo + GROUP_PART, GROUP)
+    for g in range(g_lo, g_hi):  # this part of the query heads that share this K/V head, in order
         h = hk * GROUP + g
         bh = b * Hq + h
         Q_head = Q + b * stride_qb + h * stride_qh
@@ -455,22 +507,23 @@ def attn_bwd_dkdv_kernel(
         for start_m in range(q_start, q_full, BLOCK_M):
             dk, dv_acc = _dkdv_tile(
                 dk, dv_acc, k, v, Q_head, DO_head, Lse_head, Delta_head, M_head, DQ_head, seed, bh,
-                keys, key_ok, start_m, stride_qm, stride_qd, stride_dom, stride_dod,
+                keys, key_ok, n0, start_m, stride_qm, stride_qd, stride_dom, stride_dod,
                 stride_mm, stride_mn, stride_dqm, stride_dqd, L, S, qk_scale, sm_scale, dropout_p,
-                True, MASK_KIND, DROPOUT, ATOMIC_DQ, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV,
-                DOT_PRECISION)
+                True, MASK_KIND, DROPOUT, ATOMIC_DQ, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D,
+                BLOCK_DV, DOT_PRECISION)
         for start_m in range(q_full, L, BLOCK_M):
             dk, dv_acc = _dkdv_tile(
                 dk, dv_acc, k, v, Q_head, DO_head, Lse_head, Delta_head, M_head, DQ_head, seed, bh,
-                keys, key_ok, start_m, stride_qm, stride_qd, stride_dom, stride_dod,
+                keys, key_ok, n0, start_m, stride_qm, stride_qd, stride_dom, stride_dod,
                 stride_mm, stride_mn, stride_dqm, stride_dqd, L, S, qk_scale, sm_scale, dropout_p,
-                False, MASK_KIND, DROPOUT, ATOMIC_DQ, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_D, BLOCK_DV,
-                DOT_PRECISION)
+                False, MASK_KIND, DROPOUT, ATOMIC_DQ, HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_D,
+                BLOCK_DV, DOT_PRECISION)
 
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + keys[:, None] * stride_dkn + d[None, :] * stride_dkd,
+    hp = hk * SPLIT + part
+    tl.store(DK + b * stride_dkb + hp * stride_dkh + keys[:, None] * stride_dkn + d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=key_ok[:, None] & (d < HEAD_D)[None, :])
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + keys[:, None] * stride_dvn + dvi[None, :] * stride_dvd,
+    tl.store(DV + b * stride_dvb + hp * stride_dvh + keys[:, None] * stride_dvn + dvi[None, :] * stride_dvd,
              dv_acc.to(DV.dtype.element_ty), mask=key_ok[:, None] & (dvi < HEAD_DV)[None, :])
 
 
@@ -502,7 +555,7 @@ def _dq_tile(dq, q, do, lse, delta, K_head, V_head, M_head, seed, bh, rows, row_
         p = tl.where(_bool_mask(M_head, rows, keys, row_ok, key_ok, stride_mm, stride_mn), p, 0.0)
     dp = _dot(do, vT, DOT_PRECISION)
     if DROPOUT:
-        keep = _keep(seed, bh, rows[:, None], keys[None, :], L, S, dropout_p)
+        keep = _keep(seed, bh, rows, start_n, L, S, dropout_p, BLOCK_N)
         dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
     dq += _dot(ds.to(kT.dtype), tl.trans(kT), DOT_PRECISION)
@@ -671,7 +724,7 @@ def attn_bwd_dmask_kernel(
                     p = tl.exp2(s - lse[:, None])
                     dp = _dot(do, vT, DOT_PRECISION)
                     if DROPOUT:
-                        keep = _keep(seed, bh, rows[:, None], keys[None, :], L, S, dropout_p)
+                        keep = _keep(seed, bh, rows, start_n, L, S, dropout_p, BLOCK_N)
                         dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
                     # keys past S load k = 0, so their p is not 0: drop them before summing
                     acc += tl.where(key_ok[None, :], p * (dp - delta[:, None]), 0.0)
@@ -706,8 +759,9 @@ def attn_dropout_mask_kernel(
         return
     col_tiles = tl.cdiv(S, BLOCK_N)
     rows = (tl.program_id(0) // col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (tl.program_id(0) % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(tl.load(Seed), bh, rows[:, None], cols[None, :], L, S, dropout_p)
+    n0 = (tl.program_id(0) % col_tiles) * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    keep = _keep(tl.load(Seed), bh, rows, n0, L, S, dropout_p, BLOCK_N)
     index = (bh.to(tl.int64) * L + rows.to(tl.int64)[:, None]) * S + cols[None, :]
     tl.store(Keep + index, keep, mask=(rows < L)[:, None] & (cols < S)[None, :])
 
@@ -829,6 +883,41 @@ def _bh_grid(nx: int, bh: int) -> tuple:
     return (nx, GRID_YZ_MAX, -(-bh // GRID_YZ_MAX))
 
 
+def _sm_count(ref: torch.Tensor) -> Optional[int]:
+    if SM_COUNT is not None:
+        return SM_COUNT
+    if ref.device.type != "cuda":  # the interpreter (or a harness posing CPU tensors as GPU ones)
+        return None
+    return _ext.sm_count(ref.device.index)
+
+
+def _dkdv_block_n(ref: torch.Tensor, L: int, S: int, block_d: int) -> int:
+    """The BLOCK_N the dK/dV launch will use; for an autotuned launch the largest candidate's
+    (the fewest programs: the split chosen for it holds for every candidate)."""
+    if not _on_gpu(ref):
+        return _INTERPRETER_BLOCKS["BLOCK_N"]
+    if max(L, S) >= AUTOTUNE_MIN_LEN:
+        return _largest_dkdv_block_n()
+    return _small_config(block_d, ref.element_size())["BLOCK_N"]
+
+
+@functools.lru_cache(maxsize=None)
+def _largest_dkdv_block_n() -> int:  # once: building the configs costs microseconds per call
+    return max(c.kwargs["BLOCK_N"] for c in _configs("dkdv"))
+
+
+def dkdv_head_split(programs: int, group: int, sms: Optional[int]) -> tuple[int, int]:
+    """(split, heads per part): the dK/dV launch of `programs` programs (key blocks x B * Hkv)
+    runs split x as many, each over `heads per part` of the group's query heads (the last part
+    may have fewer), so that there are DKDV_PROGRAMS_PER_SM programs per SM where the group
+    allows. (1, group) when the grid is big enough, for MHA, or with no SM count."""
+    if not sms or group <= 1 or programs == 0 or programs >= DKDV_PROGRAMS_PER_SM * sms:
+        return 1, group
+    split = min(group, -(-DKDV_PROGRAMS_PER_SM * sms // programs))
+    per = group // split  # rounded down, so that the parts are at least `split`
+    return -(-group // per), per  # the last part may be smaller: group 5 in 3 parts of 2, 2, 1
+
+
 def _launch(kernel: str, fn, grid, args: tuple, meta: dict, ref: torch.Tensor, L: int, S: int,
             block_d: int) -> None:
     """fn[grid](*args, **meta) with the block sizes picked here; grid(BLOCK_M, BLOCK_N)."""
@@ -929,12 +1018,24 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if atomic else None
     common = dict(HEAD_D=D, HEAD_DV=Dv, IS_CAUSAL=is_causal, MASK_KIND=kind, DROPOUT=dropout,
                   BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_PRECISION=precision)
-    _launch("dkdv_atomic" if atomic else "dkdv", attn_bwd_dkdv_kernel, lambda bm, bn: _bh_grid(-(-S // bn), B * Hkv),
-            (q, k, v, mask, seed, do, lse, delta, dk, dv, dq_acc,
+    # GQA/MQA with few key blocks: the group's query heads over `split` programs per key block,
+    # into fp32 partials (B, Hkv * split, S, D) summed below (fixed order: deterministic)
+    split, part = dkdv_head_split(-(-S // _dkdv_block_n(q, L, S, block_big)) * B * Hkv, group,
+                                  _sm_count(q))
+    dk_out, dv_out = dk, dv
+    if split > 1:
+        dk_out = empty((B, Hkv * split, S, D), torch.float32, q.device)
+        dv_out = empty((B, Hkv * split, S, Dv), torch.float32, q.device)
+    _launch("dkdv_atomic" if atomic else "dkdv", attn_bwd_dkdv_kernel,
+            lambda bm, bn: _bh_grid(-(-S // bn), B * Hkv * split),
+            (q, k, v, mask, seed, do, lse, delta, dk_out, dv_out, dq_acc,
              *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(mask), *_strides4(do),
-             *dk.stride(), *dv.stride(), *(dq_acc.stride() if atomic else (0, 0, 0, 0)),
-             B * Hkv, Hq, Hkv, L, S, group, qk_scale, scale, dropout_p, *buckets),
+             *dk_out.stride(), *dv_out.stride(), *(dq_acc.stride() if atomic else (0, 0, 0, 0)),
+             B * Hkv, Hq, Hkv, L, S, group, split, part, qk_scale, scale, dropout_p, *buckets),
             dict(common, ATOMIC_DQ=atomic), q, L, S, block_big)
+    if split > 1:
+        dk.copy_(dk_out.view(B, Hkv, split, S, D).sum(2))
+        dv.copy_(dv_out.view(B, Hkv, split, S, Dv).sum(2))
     if atomic:
         dq.copy_(dq_acc)
     else:

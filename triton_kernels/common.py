@@ -98,11 +98,19 @@ def _elem(t) -> int:
 
 def attention_shared_bytes(kernel: str, elem: int, mask_elem: int, BLOCK_M: int, BLOCK_N: int,
                            BLOCK_D: int, BLOCK_DV: int, num_stages: int, capability: int = 90,
-                           atomic_dq: bool = False) -> int:
+                           atomic_dq: bool = False, dropout: bool = False) -> int:
     """Shared memory of one attention program. kernel: "fwd", "dq", "dkdv" or "dmask"; elem: bytes
     per Q/K/V element; mask_elem: bytes per mask element (0: no mask, 1: bool). capability: 90
     (wgmma: a ring of num_stages buffers, the mask one fewer) or 80 (mma.sync: one buffer fewer
-    in the ring, the mask num_stages)."""
+    in the ring, the mask num_stages). dropout: the keep tile's interleave (one Philox call per 4
+    keys, its 4 words joined into the BLOCK_M x BLOCK_N tile) goes through shared memory, one
+    byte per score."""
+    return _attention_shared_bytes(kernel, elem, mask_elem, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                   num_stages, capability, atomic_dq) + (BLOCK_M * BLOCK_N if dropout else 0)
+
+
+def _attention_shared_bytes(kernel, elem, mask_elem, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, num_stages,
+                            capability, atomic_dq) -> int:
     rows_q = BLOCK_M * (BLOCK_D + BLOCK_DV)   # a query block's q and dO (dq, dkdv, dmask)
     rows_k = BLOCK_N * (BLOCK_D + BLOCK_DV)   # a key block's k and v
     mask = BLOCK_M * BLOCK_N * mask_elem
@@ -171,7 +179,7 @@ def shared_memory_estimate(kernel_name: str, named_args: dict, meta: dict,
         mask_elem = 0 if mask is None else _elem(mask)
         return attention_shared_bytes(kernel, _elem(named_args["Q"]), mask_elem, meta["BLOCK_M"],
                                       meta["BLOCK_N"], meta["BLOCK_D"], meta["BLOCK_DV"], stages, cap,
-                                      bool(meta.get("ATOMIC_DQ", False)))
+                                      bool(meta.get("ATOMIC_DQ", False)), bool(meta.get("DROPOUT", False)))
     if kernel_name in ("linear_gelu_kernel", "linear_kernel"):
         return matmul_shared_bytes(_elem(named_args["A"]), meta["BLOCK_M"], meta["BLOCK_N"],
                                    meta["BLOCK_K"], stages, cap)
