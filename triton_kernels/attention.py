@@ -98,7 +98,7 @@ import triton.language as tl
 from dlh_kernels import _ext
 from dlh_kernels._alloc import empty
 from dlh_kernels._cache import persistent_autotune
-from dlh_kernels.triton_kernels.common import fits_shared_memory
+from dlh_kernels.triton_kernels.common import fits_shared_memory, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -872,7 +872,7 @@ def _tuned(kernel: str):
 
 
 def _bucket(n: int) -> int:
-    return triton.next_power_of_2(max(n, 1))
+    return next_power_of_2(max(n, 1))
 
 
 def _bh_grid(nx: int, bh: int) -> tuple:
@@ -930,7 +930,7 @@ def _launch(kernel: str, fn, grid, args: tuple, meta: dict, ref: torch.Tensor, L
         return
     else:
         config = _small_config(block_d, ref.element_size())
-    fn[grid(config["BLOCK_M"], config["BLOCK_N"])](*args, **meta, **config)
+    launch(fn, grid(config["BLOCK_M"], config["BLOCK_N"]), args, {**meta, **config})
 
 
 def _strides4(t: Optional[torch.Tensor]) -> tuple:
@@ -945,7 +945,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _head_blocks(D: int, Dv: int) -> tuple[int, int]:
-    return max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
+    return max(16, next_power_of_2(D)), max(16, next_power_of_2(Dv))
 
 
 def _mask_kind(mask: Optional[torch.Tensor]) -> int:
@@ -1010,9 +1010,9 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     delta = empty((B * Hq, L), torch.float32, q.device)
     if B * Hq * L > 0:
         rows = 64 if _on_gpu(q) else _INTERPRETER_BLOCKS["BLOCK_M"]
-        attn_bwd_preprocess_kernel[_bh_grid(-(-L // rows), B * Hq)](
-            out, do, delta, *out.stride(), *_strides4(do), B * Hq, Hq, L,
-            HEAD_DV=Dv, BLOCK_M=rows, BLOCK_DV=block_dv)
+        launch(attn_bwd_preprocess_kernel, _bh_grid(-(-L // rows), B * Hq),
+               (out, do, delta, *out.stride(), *_strides4(do), B * Hq, Hq, L),
+               dict(HEAD_DV=Dv, BLOCK_M=rows, BLOCK_DV=block_dv))
 
     atomic = DQ_MODE == "atomic" and not deterministic
     dq_acc = torch.zeros((B, Hq, L, D), dtype=torch.float32, device=q.device) if atomic else None
@@ -1064,6 +1064,6 @@ def dropout_keep_mask(seed: torch.Tensor, B: int, H: int, L: int, S: int, dropou
     keep = torch.empty((B * H, L, S), dtype=torch.bool, device=seed.device)
     if keep.numel():
         blocks = 64
-        attn_dropout_mask_kernel[_bh_grid(-(-L // blocks) * -(-S // blocks), B * H)](
-            seed, keep, B * H, L, S, dropout_p, BLOCK_M=blocks, BLOCK_N=blocks)
+        launch(attn_dropout_mask_kernel, _bh_grid(-(-L // blocks) * -(-S // blocks), B * H),
+               (seed, keep, B * H, L, S, dropout_p), dict(BLOCK_M=blocks, BLOCK_N=blocks))
     return keep.view(B, H, L, S)
