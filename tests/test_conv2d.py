@@ -33,8 +33,9 @@ def _copies(ts, dtype=None):
 
 
 def check_conv(backend, case, dtype=torch.float32, activation=None, layout="contiguous", seed=0,
-               bias=True, negative_slope=0.1, grads=True):
-    """case: (N, C, H, W, K, R, S, stride, padding, dilation, groups)."""
+               bias=True, negative_slope=0.1, grads=True, weight_layout="contiguous"):
+    """case: (N, C, H, W, K, R, S, stride, padding, dilation, groups). weight_layout:
+    "contiguous", "channels_last" or "transposed" (a view with no unit stride along (Cg, R, S))."""
     N, C, H, W, K, R, S, stride, padding, dilation, groups = case
     g = torch.Generator().manual_seed(seed)
     x = _rand((N, C, H, W), g)
@@ -44,9 +45,14 @@ def check_conv(backend, case, dtype=torch.float32, activation=None, layout="cont
         x = torch.cat([x, _rand((N, C, H, W), g)], -1)[..., ::2]
     fan_in = C // groups * R * S
     w = _rand((K, C // groups, R, S), g, 2 * fan_in ** -0.5, 0.0)
+    if weight_layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    elif weight_layout == "transposed":  # (K, Cg, S, R) storage seen as (K, Cg, R, S)
+        w = w.transpose(2, 3).contiguous().transpose(2, 3)
     b = _rand((K,), g, 0.5) if bias else None
     inputs = [t.to(device=DEVICE, dtype=dtype).requires_grad_() if t is not None else None
               for t in (x, w, b)]
+    assert inputs[1].stride() == w.stride(), "the weight keeps its layout"
     if layout == "channels_last":
         inputs[0] = inputs[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     args = (stride, padding, dilation, groups)
@@ -57,8 +63,8 @@ def check_conv(backend, case, dtype=torch.float32, activation=None, layout="cont
     assert out.dtype == dtype and out.shape == ref.shape
     if layout == "channels_last" and C > 1 and H * W > 1:
         assert out.is_contiguous(memory_format=torch.channels_last), "channels_last in, channels_last out"
-    elif layout != "channels_last":
-        assert out.is_contiguous()
+    elif layout != "channels_last" and not (backend == "torch" and weight_layout != "contiguous"):
+        assert out.is_contiguous()  # (eager F.conv2d follows a channels_last weight's layout)
     assert_close(out, ref, eager, dtype, "out")
     if not grads:
         return
@@ -143,6 +149,68 @@ def test_random_sweep(case, activation, layout, bias, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_depthwise_fp16(backend):
     check_conv(backend, (2, 8, 6, 6, 8, 3, 3, 1, 1, 1, 8), torch.float16, "leaky_relu", "channels_last")
+
+
+# The implicit GEMMs reduce over one flat loop of (tap, channel block) pairs: forward over
+# R*S x ceil(Cg/BLOCK_K), dx over R*S x ceil(Kg/BLOCK_K) (BLOCK_K = 16 under the interpreter).
+# Each case puts a block boundary inside a tap and a tap boundary inside the flat loop.
+# (N, C, H, W, K, R, S, stride, padding, dilation, groups)
+BLOCK_CASES = {
+    "cg20_3x3": (1, 20, 6, 5, 8, 3, 3, 1, 1, 1, 1),            # Cg 20: blocks of 16 + 4 per tap
+    "cg33_1x1_kg18": (2, 33, 4, 3, 18, 1, 1, 1, 0, 1, 1),      # 1x1: 3 channel blocks, no taps; dx 2 blocks
+    "cg17_5x5_s2": (1, 17, 9, 8, 20, 5, 5, 2, 2, 1, 1),        # 25 taps x 2 blocks; dx stride phases
+    "cg16_dil2": (1, 16, 7, 7, 16, 3, 3, 1, (2, 1), 2, 1),     # exactly one block; dilation, uneven padding
+    "g2_cg18_kg17": (1, 36, 5, 6, 34, 3, 3, 2, 1, 1, 2),       # groups: each group's own blocks
+    "g3_3x1_cg5": (2, 15, 6, 5, 18, 3, 1, 1, (1, 0), (2, 1), 3),  # fewer channels than one block
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", list(BLOCK_CASES))
+def test_taps_by_channel_blocks(name, layout, dtype, backend):
+    check_conv(backend, BLOCK_CASES[name], dtype, "gelu", layout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_layout", ["channels_last", "transposed"])
+def test_weight_layouts(weight_layout, backend):
+    # the glue hands the GEMMs a weight with unit channel stride, copying one that has none
+    check_conv(backend, BLOCK_CASES["cg20_3x3"], torch.float32, "silu", "contiguous",
+               weight_layout=weight_layout)
+
+
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last", "transposed"])
+def test_kernels_get_unit_channel_stride_weight(weight_layout, monkeypatch):
+    # With an NCHW weight neither axis of the (channel x output channel) tile has unit stride:
+    # 16-bit elements then load one by one and never through cp.async. The kernels must see
+    # swc == 1 (the binder turns it into a constant), whatever the caller's weight layout.
+    from dlh_kernels.triton_kernels import conv2d as kernels
+    seen = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.names = kernel.arg_names
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(dict(zip(self.names, args)))
+            return launch
+    for name in ("conv2d_fwd_kernel", "conv2d_bwd_input_kernel"):
+        monkeypatch.setattr(kernels, name, Recorder(getattr(kernels, name)))
+    monkeypatch.setattr(kernels, "_autotuned", lambda: False)  # the forward's fixed launch, on GPU too
+    x = torch.randn(1, 8, 5, 5)
+    w = torch.randn(6, 8, 3, 3)
+    if weight_layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    elif weight_layout == "transposed":
+        w = w.transpose(2, 3).contiguous().transpose(2, 3)
+    y = torch.empty(1, 6, 3, 3)
+    kernels.conv2d_fwd(x, w, None, y, (1, 1), (0, 0), (1, 1), 1, 0, 0.0)
+    kernels.conv2d_bwd_input(y, w, torch.empty_like(x), (1, 1), (0, 0), (1, 1), 1)
+    assert len(seen) == 2 and all(args["swc"] == 1 for args in seen)
+    assert all(args["Wt"].shape == w.shape and torch.equal(args["Wt"], w) for args in seen)
 
 
 def test_weight_grad_split_over_pixels(monkeypatch):

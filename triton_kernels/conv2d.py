@@ -9,8 +9,8 @@ Cg = C/G input and Kg = K/G output channels per group; g = group of output chann
     y = act(z),  act in {identity, relu, silu, gelu (erf), gelu_tanh, leaky_relu(slope)}
 
     forward:  a GEMM per group, M = N*OH*OW rows (output pixels), Kg columns, reduction over
-              Cg*R*S ordered (r, s) outer and c inner, so in NHWC (channels_last) each A tile is a
-              run of contiguous channels of one input pixel. Taps falling in the zero padding are
+              Cg*R*S in one flat loop over (tap (r, s), channel block) pairs, so in NHWC
+              (channels_last) each A tile is a run of contiguous channels of one input pixel. Taps falling in the zero padding are
               masked loads (other=0): "same" with an even kernel (more padding after than before)
               needs only the top/left padding and the output size.
     dz:       dy without an activation; with one, dz = dy * act'(z) where z is recomputed by the
@@ -37,13 +37,29 @@ Layout: any input/weight/output strides are indexed directly (64-bit offsets); N
 (channels_last) is the fast one for the forward and dx (contiguous channel runs).
 
 Versions:
-- v1 (this one): forward autotuned on GPU over tile shapes (BLOCK_K from Cg), fixed config under
+- v1: forward autotuned on GPU over tile shapes (BLOCK_K from Cg), fixed config under
   the interpreter; dx without the stride-phase decomposition (strided convs waste
   (1 - 1/(sh*sw)) of the dx taps on masks); dw split over pixels into fp32 partials. Checked under
   the interpreter and compiled for sm_80/sm_90; not yet run or timed on a GPU.
 - v1.1: groups (and dw's taps) folded into grid axis x: depthwise convs with more than 65,535
   channels and R * S > 65,535 launch (CUDA caps axes y and z at 65,535). Autotuned path
   exercised on CPU by tests/test_autotune.py.
+- v1.2 (review T5): the forward and dx reductions are one flat loop over (tap, channel block)
+  pairs instead of taps outer / channels inner, so the software pipeliner overlaps loads across
+  taps (before: a prologue and a drain per tap, no overlap at all when Cg <= BLOCK_K); a
+  forward tap is one scalar offset on per-row base pointers, tap coordinates (and dx's divisions
+  by the stride) are 32-bit. The glue hands
+  both GEMMs a weight with unit channel stride (an NCHW weight is copied to channels_last):
+  its tiles become 16-byte cp.async copies. Static figures, sm_90, 128->128 3x3 (Triton 3.9):
+  NCHW bf16 forward 0 -> 6-32 cp.async per config (the weight tile; pipelined), fp32 NCHW
+  forward stack 104-2672 B per config -> 0 (two GRAD configs keep 40-56 B); the dx/dw fixed
+  configs spill-free under Triton 3.6 and 3.9 (dx: 8 warps, BLOCK_K 32 in fp32 or with an NCHW
+  dz; dw: BLOCK_K 32 in fp32 NCHW, its pixel decode in 32 bits unless PIX64: the 16-bit stem's
+  dw spilled 1240 B). dw's loop was already one flat loop (one tap per program). Still: on NCHW the input (and dx's dz) tile of 16-bit dtypes is
+  scalar ld.global: its runs are along w, shifted by each tap's s*dil - pad, so only 2-byte
+  alignment is ever known and cp.async needs 4 (fp32 NCHW copies 4 bytes per element
+  asynchronously). NHWC is the fast layout; NCHW needs TMA (or a layout change) to pipeline
+  its input.
 """
 from __future__ import annotations
 
@@ -142,28 +158,40 @@ def conv2d_fwd_kernel(
     n = t // OH
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
-    x_pix = X + n * sxn + (g * CG) * sxc
+    # each row's input pixel at tap (0, 0), channel 0 of its group; a tap adds one scalar offset.
+    # Coordinates fit 32 bits (|ih| < H + padding), offsets take 64.
+    x_row = X + n * sxn + (g * CG) * sxc + ih0 * sxh + iw0 * sxw
+    ih0 = ih0.to(tl.int32)
+    iw0 = iw0.to(tl.int32)
     kout = g * KG + cols
     w_col = Wt + kout * swk
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for rs in range(0, R * S):
+    # One flat loop over (tap, channel block) pairs, kk = (r * S + s) * c_blocks + c_block: the
+    # software pipeliner sees a single loop of R*S*c_blocks iterations and keeps its num_stages
+    # loads in flight across tap boundaries (a taps-outer / channels-inner nest pipelines only the
+    # inner loop, with a prologue and a drain per tap: no overlap at all when Cg <= BLOCK_K). The
+    # tap's offsets and padding mask are recomputed per iteration from kk (scalar divisions and a
+    # few [BLOCK_M] integer ops, next to a BLOCK_M x BLOCK_K x BLOCK_N dot).
+    c_blocks = tl.cdiv(CG, BLOCK_K)
+    for kk in range(0, R * S * c_blocks):
+        rs = kk // c_blocks
+        c = (kk - rs * c_blocks) * BLOCK_K + ks
         r = rs // S
-        s = rs % S
+        s = rs - r * S
         ih = ih0 + r * dil_h
         iw = iw0 + s * dil_w
         ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a_row = x_pix + ih * sxh + iw * sxw
-        w_tap = w_col + r * swr + s * sws
-        for c0 in range(0, CG, BLOCK_K):
-            c = c0 + ks
-            c_ok = c < CG
-            a = tl.load(a_row[:, None] + c[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
-            b = tl.load(w_tap[None, :] + c[:, None] * swc, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        c_ok = c < CG
+        x_tap = x_row + ((r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw)
+        a = tl.load(x_tap[:, None] + c[None, :] * sxc,
+                    mask=ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load((w_col + r * swr + s * sws)[None, :] + c[:, None] * swc,
+                    mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     # Epilogue: bias, then the activation (or dz = dy * act'(z)) on the fp32 tile; one store.
     if HAS_BIAS:
@@ -205,31 +233,35 @@ def conv2d_bwd_input_kernel(
     ih = t % H
     n = t // H
     dz_pix = DZ + n * szn + (g * KG) * szc
+    ih32 = ih.to(tl.int32)  # the tap arithmetic below (divisions by the stride) in 32 bits
+    iw32 = iw.to(tl.int32)
     w_col = Wt + cols * swc + (g * KG) * swk
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for rs in range(0, R * S):
+    # one flat loop over (tap, output-channel block) pairs, as in the forward
+    k_blocks = tl.cdiv(KG, BLOCK_K)
+    for kk in range(0, R * S * k_blocks):
+        rs = kk // k_blocks
+        k = (kk - rs * k_blocks) * BLOCK_K + ks
         r = rs // S
-        s = rs % S
-        th = ih + pad_h - r * dil_h
-        tw = iw + pad_w - s * dil_w
+        s = rs - r * S
+        th = ih32 + pad_h - r * dil_h
+        tw = iw32 + pad_w - s * dil_w
         th = tl.where(th >= 0, th, -1)  # keep the masked lanes' quotients harmless
         tw = tl.where(tw >= 0, tw, -1)
         oh = th // stride_h
         ow = tw // stride_w
-        ok = row_ok & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0) \
+        ok = row_ok & (th >= 0) & (tw >= 0) & (th - oh * stride_h == 0) & (tw - ow * stride_w == 0) \
             & (oh < OH) & (ow < OW)
-        a_row = dz_pix + oh * szh + ow * szw
-        w_tap = w_col + r * swr + s * sws
-        for k0 in range(0, KG, BLOCK_K):
-            k = k0 + ks
-            k_ok = k < KG
-            a = tl.load(a_row[:, None] + k[None, :] * szc, mask=ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_tap[None, :] + k[:, None] * swk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        k_ok = k < KG
+        a = tl.load((dz_pix + oh.to(tl.int64) * szh + ow.to(tl.int64) * szw)[:, None] + k[None, :] * szc,
+                    mask=ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load((w_col + r * swr + s * sws)[None, :] + k[:, None] * swk,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     mask = row_ok[:, None] & col_ok[None, :]
     tl.store(DX + (n * sxn + ih * sxh + iw * sxw)[:, None] + ((g * CG + cols) * sxc)[None, :],
              acc.to(DX.dtype.element_ty), mask=mask)
@@ -246,6 +278,7 @@ def conv2d_bwd_weight_kernel(
     pix_per_split,  # output pixels each split sums (a multiple of BLOCK_K)
     split_stride,  # elements between two splits' partials in DW
     INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    PIX64: tl.constexpr,  # pixel indices reach 2^31: decode them in 64 bits
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # program (k tile, c tile, split, tap rs, group g), fastest first, all along grid axis x
@@ -275,6 +308,8 @@ def conv2d_bwd_weight_kernel(
     p_start = split * pix_per_split
     for p0 in range(0, pix_per_split, BLOCK_K):
         p = p_start + p0 + ps
+        if not PIX64:  # the four divisions of the pixel decode in 32 bits (64-bit ones cost
+            p = p.to(tl.int32)  # registers: the fixed tiles spilled up to 1240 B on sm_90)
         p_ok = p < P
         ow = p % OW
         t = p // OW
@@ -283,9 +318,10 @@ def conv2d_bwd_weight_kernel(
         ih = oh * stride_h - pad_h + r * dil_h
         iw = ow * stride_w - pad_w + s * dil_w
         x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(dz_col[:, None] + (n * szn + oh * szh + ow * szw)[None, :],
+        n = n.to(tl.int64)  # offsets in 64 bits
+        a = tl.load(dz_col[:, None] + (n * szn + oh.to(tl.int64) * szh + ow.to(tl.int64) * szw)[None, :],
                     mask=k_ok[:, None] & p_ok[None, :], other=0.0)
-        b = tl.load(x_col[None, :] + (n * sxn + ih * sxh + iw * sxw)[:, None],
+        b = tl.load(x_col[None, :] + (n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None],
                     mask=x_ok[:, None] & c_ok[None, :], other=0.0)
         if DOT_FP32:
             a = a.to(tl.float32)
@@ -323,6 +359,17 @@ def _block_k(n: int) -> int:
 
 def _block_n(n: int, cap: int = 128) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(1, n))))
+
+
+def _channels_contiguous(w: torch.Tensor) -> torch.Tensor:
+    """The weight (K, Cg, R, S) with unit stride along Cg (channels_last), copied if it has not.
+    Both GEMMs that read it load (channel x output channel) tiles: with an NCHW weight neither
+    axis has unit stride (R*S and Cg*R*S), so every element is its own load and 16-bit ones
+    cannot go through cp.async (4 bytes minimum); one contiguous axis makes them 16-byte copies.
+    The copy is K*Cg*R*S elements, small next to the activations it is multiplied with."""
+    if w.stride(1) == 1 or w.shape[1] == 1:
+        return w
+    return w.contiguous(memory_format=torch.channels_last)
 
 
 # Under the interpreter every tl op costs ~0.3 ms whatever its size: tall tiles, few iterations.
@@ -372,6 +419,7 @@ def conv2d_fwd(x, w, bias, y, stride, pad, dilation, groups, act: int, negative_
         return
     grad = grad_out is not None
     d = grad_out if grad else y
+    w = _channels_contiguous(w)
     args = (x, w, bias, y, grad_out, N, H, W, OH, OW, CG, KG, R, S, *x.stride(), *w.stride(),
             *y.stride(), *d.stride(), stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
             float(negative_slope), triton.next_power_of_2(M))
@@ -401,10 +449,16 @@ def conv2d_bwd_input(dz, w, dx, stride, pad, dilation, groups) -> None:
     if K == 0 or OH == 0 or OW == 0:
         dx.zero_()
         return
+    w = _channels_contiguous(w)
     if _interpreting():
         bm, bn, bk, warps, stages = 512, 16, 16, 4, 1
     else:
-        bm, bn, bk, warps, stages = 128, _block_n(CG, 64), _block_k(KG), 4, 3
+        # 8 warps, and BLOCK_K 32 where the A tile costs the most registers (fp32, or dz
+        # without unit channel stride: one 64-bit address per element): 128x64x64 at 4 warps
+        # spilled 44-335 stores on sm_90 (fp32, bf16 NCHW); this tile spills none there
+        # (Triton 3.6 and 3.9) and at most 3 on sm_80
+        wide = dz.dtype != torch.float32 and dz.stride(1) == 1
+        bm, bn, bk, warps, stages = 128, _block_n(CG, 64), min(_block_k(KG), 64 if wide else 32), 8, 3
     grid = (-(-M // bm) * -(-CG // bn) * groups,)
     conv2d_bwd_input_kernel[grid](
         dz, w, dx, N, H, W, OH, OW, CG, KG, R, S, *dz.stride(), *w.stride(), *dx.stride(),
@@ -427,7 +481,10 @@ def conv2d_bwd_weight(dz, x, w_shape, stride, pad, dilation, groups, dtype) -> t
     if _interpreting():
         bm, bn, bk, warps, stages = 16, 16, 512, 4, 1
     else:
-        bm, bn, bk, warps, stages = _block_n(KG, 64), _block_n(CG, 64), 64, 4, 3
+        # 32 pixels a step for fp32 NCHW (every A and B element its own 64-bit address): 64
+        # spills on sm_90 under Triton 3.6
+        bk = 32 if x.dtype == torch.float32 and x.stride(1) != 1 else 64
+        bm, bn, warps, stages = _block_n(KG, 64), _block_n(CG, 64), 4, 3
     tiles = triton.cdiv(KG, bm) * triton.cdiv(CG, bn) * R * S * groups
     chunks = triton.cdiv(P, bk)
     if _interpreting():
@@ -450,6 +507,7 @@ def conv2d_bwd_weight(dz, x, w_shape, stride, pad, dilation, groups, dtype) -> t
         CG * R * S, R * S, S, 1, stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
         per_split, K * CG * R * S,
         INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_interpreting(),
+        PIX64=splits * per_split >= 2**31,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     if out is not None:
         return out
