@@ -58,6 +58,17 @@ def test_auto_runs_fp32_matmuls_on_torch_without_tf32(monkeypatch, tf32):
     assert _backend.choose("linear_gelu", "triton", "cuda", lambda b: None, order) == "triton"
 
 
+def test_auto_runs_16bit_nchw_conv2d_on_cudnn(monkeypatch):
+    from dlh_kernels.ops import conv2d as C
+    _backend = _fake_cuda(monkeypatch)
+    can = lambda b: None  # noqa: E731
+    x = torch.randn(2, 8, 9, 9, dtype=torch.bfloat16)
+    assert C._auto_order(x) == ("torch",)
+    assert C._auto_order(x.to(memory_format=torch.channels_last)) == _backend.AUTO_ORDER_CUDA
+    assert C._auto_order(x.float()) == _backend.AUTO_ORDER_CUDA  # fp32 NCHW pipelines (4-byte copies)
+    assert _backend.choose("conv2d", None, "cuda", can, C._auto_order(x)) == "torch"
+
+
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     # the suite runs Triton through its interpreter on CPU; the stand-in path needs the compiled
     # one, chosen before triton is imported: these tests run again in a child process

@@ -355,6 +355,19 @@ def _check(input, weight, bias, stride, padding, dilation, groups, activation):
     return stride, pad, dilation, ACTIVATIONS[activation]
 
 
+NCHW_NOTE = ("a 16-bit NCHW input: the Triton kernels' input tile cannot be loaded asynchronously "
+             "(each tap shifts the contiguous w run by 2 bytes: scalar loads, no cp.async pipeline; "
+             "triton_kernels/conv2d.py), so auto runs cuDNN (torch) until a GPU run says otherwise; "
+             "channels_last inputs run the kernels")
+
+
+def _auto_order(input) -> tuple:
+    """``auto``'s order: a 16-bit NCHW input goes to cuDNN (see NCHW_NOTE); else the default."""
+    if input.element_size() == 2 and input.dim() == 4 and not input.is_contiguous(memory_format=torch.channels_last):
+        return ("torch",)
+    return _backend.AUTO_ORDER_CUDA
+
+
 def _supports(input):
     def can(backend: str):
         why = _backend.dtype_reason(backend, input.dtype)
@@ -389,7 +402,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if activation is None and _backend.plain_torch(backend, input):  # torch backend, nobody watching
         out = _torch_z(input, weight, bias, stride, pad, dilation, groups)
         return out.squeeze(0) if unbatched else out
-    be = _backend.choose("conv2d", backend, input.device.type, _supports(input))
+    be = _backend.choose("conv2d", backend, input.device.type, _supports(input), _auto_order(input))
     if be == "torch":
         with profiling.torch_range("conv2d"):
             out = activation_reference(_torch_z(input, weight, bias, stride, pad, dilation, groups),
@@ -406,4 +419,8 @@ def explain(op: str, args: dict) -> dict:
         x = x.unsqueeze(0)
     _check(x, args["weight"], args.get("bias"), args.get("stride", 1), args.get("padding", 0),
            args.get("dilation", 1), args.get("groups", 1), args.get("activation"))
-    return _backend.explain_choice(x.device.type, _supports(x))
+    order = _auto_order(x)
+    verdict = _backend.explain_choice(x.device.type, _supports(x), order)
+    if order == ("torch",) and x.is_cuda:
+        verdict["auto"] += f" ({NCHW_NOTE})"
+    return verdict
