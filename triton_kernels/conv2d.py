@@ -72,7 +72,8 @@ import triton.language as tl
 
 from dlh_kernels._alloc import empty
 from dlh_kernels._cache import persistent_autotune
-from dlh_kernels.triton_kernels.common import fits_shared_memory, gelu_fp32, gelu_grad_fp32, grouped_tile
+from dlh_kernels.triton_kernels.common import (cdiv, fits_shared_memory, gelu_fp32, gelu_grad_fp32, grouped_tile,
+                                               launch, next_power_of_2)
 
 
 # activation codes, shared with the glue and csrc/conv2d.cu
@@ -354,11 +355,11 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 def _block_k(n: int) -> int:
     """Reduction tile over channels: at least 16 (tl.dot's minimum), at most 64."""
-    return max(16, min(64, triton.next_power_of_2(max(1, n))))
+    return max(16, min(64, next_power_of_2(max(1, n))))
 
 
 def _block_n(n: int, cap: int = 128) -> int:
-    return max(16, min(cap, triton.next_power_of_2(max(1, n))))
+    return max(16, min(cap, next_power_of_2(max(1, n))))
 
 
 def _channels_contiguous(w: torch.Tensor) -> torch.Tensor:
@@ -422,14 +423,14 @@ def conv2d_fwd(x, w, bias, y, stride, pad, dilation, groups, act: int, negative_
     w = _channels_contiguous(w)
     args = (x, w, bias, y, grad_out, N, H, W, OH, OW, CG, KG, R, S, *x.stride(), *w.stride(),
             *y.stride(), *d.stride(), stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
-            float(negative_slope), triton.next_power_of_2(M))
+            float(negative_slope), next_power_of_2(M))
     flags = dict(ACT=act, HAS_BIAS=bias is not None, GRAD=grad,
                  INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_interpreting(),
                  BLOCK_K=16 if _interpreting() else _block_k(CG))
     if not _autotuned():
         c = INTERPRETER_CONFIG
         grid = (-(-M // c["BLOCK_M"]) * -(-KG // c["BLOCK_N"]) * groups,)
-        conv2d_fwd_kernel[grid](*args, **flags, **c)
+        launch(conv2d_fwd_kernel, grid, args, {**flags, **c})
         return
 
     def grid(meta):
@@ -460,11 +461,11 @@ def conv2d_bwd_input(dz, w, dx, stride, pad, dilation, groups) -> None:
         wide = dz.dtype != torch.float32 and dz.stride(1) == 1
         bm, bn, bk, warps, stages = 128, _block_n(CG, 64), min(_block_k(KG), 64 if wide else 32), 8, 3
     grid = (-(-M // bm) * -(-CG // bn) * groups,)
-    conv2d_bwd_input_kernel[grid](
+    launch(conv2d_bwd_input_kernel, grid, (
         dz, w, dx, N, H, W, OH, OW, CG, KG, R, S, *dz.stride(), *w.stride(), *dx.stride(),
-        stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
-        INPUT_PRECISION=_input_precision(dz.dtype), DOT_FP32=_interpreting(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1]),
+        dict(INPUT_PRECISION=_input_precision(dz.dtype), DOT_FP32=_interpreting(),
+             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages))
 
 
 def conv2d_bwd_weight(dz, x, w_shape, stride, pad, dilation, groups, dtype) -> torch.Tensor:
@@ -485,16 +486,16 @@ def conv2d_bwd_weight(dz, x, w_shape, stride, pad, dilation, groups, dtype) -> t
         # spills on sm_90 under Triton 3.6
         bk = 32 if x.dtype == torch.float32 and x.stride(1) != 1 else 64
         bm, bn, warps, stages = _block_n(KG, 64), _block_n(CG, 64), 4, 3
-    tiles = triton.cdiv(KG, bm) * triton.cdiv(CG, bn) * R * S * groups
-    chunks = triton.cdiv(P, bk)
+    tiles = cdiv(KG, bm) * cdiv(CG, bn) * R * S * groups
+    chunks = cdiv(P, bk)
     if _interpreting():
         splits = INTERPRETER_DW_SPLITS
     else:  # enough programs to fill the GPU, each summing at least 8 pixel chunks
         from dlh_kernels._ext import sm_count
         want = 2 * sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-        splits = max(1, min(triton.cdiv(want, tiles), chunks // 8))
-    per_split = triton.cdiv(chunks, splits) * bk
-    splits = triton.cdiv(P, per_split)
+        splits = max(1, min(cdiv(want, tiles), chunks // 8))
+    per_split = cdiv(chunks, splits) * bk
+    splits = cdiv(P, per_split)
     if splits == 1 and dtype == torch.float32:
         out = empty(w_shape, torch.float32, x.device)
         part = out
@@ -502,13 +503,13 @@ def conv2d_bwd_weight(dz, x, w_shape, stride, pad, dilation, groups, dtype) -> t
         part = empty((splits,) + tuple(w_shape), torch.float32, x.device)
         out = None
     grid = (-(-KG // bm) * -(-CG // bn) * splits * R * S * groups,)
-    conv2d_bwd_weight_kernel[grid](
+    launch(conv2d_bwd_weight_kernel, grid, (
         dz, x, part, N, H, W, OH, OW, CG, KG, R, S, *dz.stride(), *x.stride(),
         CG * R * S, R * S, S, 1, stride[0], stride[1], pad[0], pad[1], dilation[0], dilation[1],
-        per_split, K * CG * R * S,
-        INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_interpreting(),
-        PIX64=splits * per_split >= 2**31,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        per_split, K * CG * R * S),
+        dict(INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_interpreting(),
+             PIX64=splits * per_split >= 2**31,
+             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages))
     if out is not None:
         return out
     return part.sum(0).to(dtype)
