@@ -44,14 +44,14 @@ def laid_out(t, layout, g):
 
 
 def make_inputs(shape, dtype, *, weight=True, bias=True, weight_dtype=None, layout="contiguous",
-                seed=0):
-    """Leaf tensors (x, weight, bias) in `dtype`, random, never zeros."""
+                seed=0, offset=3.0):
+    """Leaf tensors (x, weight, bias) in `dtype`, random, never zeros; x ~ offset + 2 * N(0, 1)."""
     g = torch.Generator().manual_seed(seed)
     C = shape[1]
     # a mean far from 0 exposes E[x^2] - E[x]^2 variance formulas; a ramp over the spatial dims
     # gives every chunk of a split group its own mean, which the combination must account for
     ramp = torch.linspace(-2.0, 2.0, shape[-1]) if len(shape) > 2 else 0.0
-    x = laid_out(torch.randn(*shape, generator=g) * 2.0 + 3.0 + ramp, layout, g).to(dtype)
+    x = laid_out(torch.randn(*shape, generator=g) * 2.0 + offset + ramp, layout, g).to(dtype)
     wd = weight_dtype or dtype
     w = (torch.randn(C, generator=g) * 0.5 + 1.0).to(wd) if weight else None
     b = (torch.randn(C, generator=g) * 0.5).to(wd) if bias else None
@@ -138,22 +138,148 @@ def tiny_split_limits():
     triton_gn.set_limits()
 
 
-@pytest.mark.parametrize("shape,groups,layout,activation,dtype", [
+@pytest.mark.parametrize("shape,groups,layout,activation,dtype,kw", [
     # one group of 4 x 35: 4 one-channel blocks x 3 spatial chunks, the last of 3 positions
-    ((1, 4, 5, 7), 1, "contiguous", "silu", torch.float32),
+    ((1, 4, 5, 7), 1, "contiguous", "silu", torch.float32, {}),
     # channels_last, Cg = 3 in a 4-wide tile, 5 chunks of 2 tiles; 1 sample per batch: 2 launch
     # pairs
-    ((2, 6, 5, 7), 2, "channels_last", "silu", torch.float32),
-    ((2, 6, 5, 7), 2, "channels_last", "silu", torch.float16),
+    ((2, 6, 5, 7), 2, "channels_last", "silu", torch.float32, {}),
+    ((2, 6, 5, 7), 2, "channels_last", "silu", torch.float16, {}),
     # one past a power of two along the only spatial dim; no activation
-    ((1, 4, 33), 2, "contiguous", None, torch.float16),
+    ((1, 4, 33), 2, "contiguous", None, torch.float16, {}),
     # a slice whose spatial stride is 2
-    ((2, 4, 6, 6), 2, "strided_spatial", "silu", torch.bfloat16),
+    ((2, 4, 6, 6), 2, "strided_spatial", "silu", torch.bfloat16, {}),
+    # odd H*W = 35, Cg = 2: groups of 70 elements, not a multiple of the 16-position chunk; bf16
+    ((2, 6, 5, 7), 3, "contiguous", "silu", torch.bfloat16, {}),
+    # without the affine parameters, with and without the SiLU
+    ((1, 4, 5, 7), 1, "contiguous", "silu", torch.float32, dict(weight=False, bias=False)),
+    ((2, 6, 5, 7), 2, "channels_last", None, torch.bfloat16, dict(weight=False, bias=False)),
+    # a mean of +100 (std 2): per-chunk (count, mean, M2) merged by Chan's formula stays exact
+    # where sum(x^2)/L - mean^2 would cancel ~4 of fp32's 7 digits; every dtype, both layouts
+    ((1, 4, 5, 7), 1, "contiguous", "silu", torch.float32, dict(offset=100.0)),
+    ((2, 6, 5, 7), 2, "channels_last", "silu", torch.float16, dict(offset=100.0)),
+    ((2, 6, 5, 7), 3, "contiguous", None, torch.bfloat16, dict(offset=100.0)),
 ], ids=str)
-def test_split_path(shape, groups, layout, activation, dtype, tiny_split_limits):
+def test_split_path(shape, groups, layout, activation, dtype, kw, tiny_split_limits):
     if DEVICE.type == "cuda":
         pytest.skip("the interpreter-sized split limits are for CPU runs; GPU tests use real sizes")
-    check_op(shape, groups, dtype, activation, "triton", layout=layout)
+    N, C = shape[:2]
+    S = 1
+    for d in shape[2:]:
+        S *= d
+    plan = triton_gn._plan(N, C, groups, S, layout == "channels_last", C * S * dtype.itemsize,
+                           DEVICE)
+    assert plan.split and plan.c_blocks * plan.s_chunks > 1, plan  # several chunks per group
+    check_op(shape, groups, dtype, activation, "triton", layout=layout, **kw)
+
+
+def _split_plan_ok(plan, CG, S):
+    """The chunks of a split plan cover the group exactly once."""
+    assert (plan.c_blocks - 1) * plan.block_c < CG <= plan.c_blocks * plan.block_c
+    assert plan.chunk_s % plan.block_s == 0
+    assert (plan.s_chunks - 1) * plan.chunk_s < S <= plan.s_chunks * plan.chunk_s
+    assert plan.chunks_p2 >= plan.c_blocks * plan.s_chunks
+
+
+# (N, C, G, H, W) of the SD / DDPM U-Nets at batch 2, and what a 132-SM GPU (H100 SXM, H200)
+# must get: split when N * G = 64 programs would leave SMs idle and the groups are large
+SD_UNET = [
+    (2, 320, 32, 64, 64),    # SD's first resolution: 40,960-element groups, Cg = 10
+    (2, 640, 32, 32, 32),    # 20,480-element groups, Cg = 20
+    (2, 1280, 32, 16, 16),   # 10,240-element groups, Cg = 40
+    (1, 256, 32, 128, 128),  # a batch of 1: 32 groups of 131K elements
+    (2, 256, 32, 32, 32),    # 8,192-element groups: would fit one program, but 64 of them
+]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("N,C,G,H,W", SD_UNET, ids=str)
+def test_plan_spreads_few_large_groups_over_the_gpu(N, C, G, H, W, channels_last, backward):
+    # the GPU's plan computed here (nothing runs): every pass of the split launches at least
+    # 2 programs per SM, each over a chunk of its group, the chunks covering the group once
+    triton_gn.set_limits(sm_count=132)
+    try:
+        S = H * W
+        calls = triton_gn.launches(N, C, G, S, channels_last, 2, DEVICE, backward)
+        reread = C * S * 2 * (2 if backward else 1)  # what the glue passes: x (and dy), bf16
+        plan = triton_gn._plan(N, C, G, S, channels_last, reread, DEVICE)
+    finally:
+        triton_gn.set_limits()
+    kind = "bwd" if backward else "fwd"
+    assert [k for k, _ in calls] == [f"group_norm_{kind}_partial_kernel",
+                                     f"group_norm_{kind}_apply_kernel"] * (len(calls) // 2)
+    # at least 2 per SM, or one program per split tile when the tensor has fewer tiles than that
+    # (under ~1M elements: all of it is in flight at once either way)
+    tiles = N * G * plan.c_blocks * -(-S // plan.block_s)
+    assert all(programs >= min(2 * 132, tiles) for _, programs in calls), (calls, plan)
+    assert sum(p for _, p in calls[::2]) == N * G * plan.c_blocks * plan.s_chunks
+    _split_plan_ok(plan, C // G, S)
+    if (N, C, G, H, W) == (2, 320, 32, 64, 64):  # the figures the kernel header quotes
+        assert calls == [(f"group_norm_{kind}_partial_kernel", 512 if channels_last else 640),
+                         (f"group_norm_{kind}_apply_kernel", 512 if channels_last else 640)]
+
+
+@pytest.mark.parametrize("N,C,G,H,W,sms,split", [
+    (2, 256, 32, 32, 32, 132, True),     # 64 groups of 8K on 132 SMs: SMs idle, split
+    (2, 256, 32, 32, 32, 16, False),     # the same on 16 SMs: 4 per SM, one program per group
+    (6, 256, 32, 32, 32, 132, False),    # 192 groups, 1.45 per SM: fused (see _plan)
+    (16, 256, 32, 32, 32, 132, False),   # 512 programs: 3.9 per SM, fused
+    (64, 128, 32, 32, 32, 132, False),   # the DDPM U-Net's many 4K groups: fused
+    (2, 1280, 32, 8, 8, 132, False),     # 64 groups of 2,560 elements: too small to split
+], ids=str)
+def test_plan_splits_when_groups_underfill(N, C, G, H, W, sms, split):
+    triton_gn.set_limits(sm_count=sms)
+    try:
+        plan = triton_gn._plan(N, C, G, H * W, False, C * H * W * 2, DEVICE)
+        calls = triton_gn.launches(N, C, G, H * W, False, 2, DEVICE)
+    finally:
+        triton_gn.set_limits()
+    assert plan.split == split, plan
+    assert len(calls) == (2 if split else 1)
+    if split:
+        _split_plan_ok(plan, C // G, H * W)
+
+
+@pytest.mark.parametrize("shape,groups,layout", [
+    ((2, 6, 5, 7), 2, "channels_last"),  # split, one sample per batch: two launch pairs
+    ((1, 4, 5, 7), 1, "contiguous"),     # split, one launch pair
+    ((3, 8, 2, 2), 4, "contiguous"),     # fused
+], ids=str)
+def test_launches_lists_what_the_glue_launches(shape, groups, layout, monkeypatch,
+                                               tiny_split_limits):
+    # the program counts the tests above and the kernel header quote are the glue's own grids
+    from conftest import record_grids
+    names = ("group_norm_fwd_kernel", "group_norm_bwd_kernel", "group_norm_fwd_partial_kernel",
+             "group_norm_fwd_apply_kernel", "group_norm_bwd_partial_kernel",
+             "group_norm_bwd_apply_kernel")
+    grids = record_grids(monkeypatch, triton_gn, names)
+    x, w, b = make_inputs(shape, torch.float32, layout=layout)
+    DF.group_norm(x, groups, w, b, activation="silu", backend="triton").sum().backward()
+    N, C = shape[:2]
+    S = shape[2] * shape[3]
+    expected = [call for bwd in (False, True)
+                for call in triton_gn.launches(N, C, groups, S, layout == "channels_last", 4,
+                                               DEVICE, bwd)]
+    assert [(name, x_ * y_ * z_) for name, (x_, y_, z_) in grids] == expected
+
+
+@pytest.mark.parametrize("activation,dtype", [("silu", torch.float32), (None, torch.bfloat16)],
+                         ids=str)
+def test_underfilled_groups_run_split(activation, dtype):
+    # groups small enough for one program each (a 2 x 16 tile under a fused limit of 64), but
+    # only N * G = 4 of them for a forced 16-SM device: the split path runs, and agrees
+    if DEVICE.type == "cuda":
+        pytest.skip("the interpreter-sized limits are for CPU runs")
+    shape, groups = (2, 4, 3, 5), 2
+    triton_gn.set_limits(max_fused=64, split_tile=16, sm_count=1)
+    try:
+        assert not triton_gn._plan(2, 4, 2, 15, False, 4 * 15 * 4, DEVICE).split  # 1 SM: fused
+        triton_gn.set_limits(max_fused=64, split_tile=16, sm_count=16)
+        assert triton_gn._plan(2, 4, 2, 15, False, 4 * 15 * 4, DEVICE).split
+        check_op(shape, groups, dtype, activation, "triton", offset=100.0)
+    finally:
+        triton_gn.set_limits()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

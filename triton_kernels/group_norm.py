@@ -27,17 +27,27 @@ sectors are shared with the neighbouring groups' programs, which run at the same
 them in L2, so DRAM traffic stays ~1x but L2 traffic grows (see bench/group_norm.py).
 
 Two paths:
-- fused (the group's tile fits MAX_FUSED elements): one program per group, the whole group in
-  registers: one read, one write. The backward writes each program's per-channel dw/db sums as
-  one (N, 1, C) partial; torch sums over n in a fixed order.
+- fused (the group's tile fits MAX_FUSED elements, and the groups fill the GPU): one program per
+  group, the whole group in registers: one read, one write. The backward writes each program's
+  per-channel dw/db sums as one (N, 1, C) partial; torch sums over n in a fixed order.
 - split (larger groups, the U-Net's 16K..130K-element groups; also groups past one split tile
-  when there are too few of them to fill the GPU, e.g. a batch of 1): a group is cut into
-  chunks, (channel block, range of spatial positions), handled by different programs, so a few
-  huge groups still fill the GPU. Forward pass 1 writes per-chunk (count, mean, M2); pass 2 combines
-  them (Chan's parallel variance) and normalises its chunk. Backward pass 1 writes per-chunk
+  when N * G programs would leave SMs idle, fewer than one per SM, e.g. a batch of 1 or 2 with
+  G = 32 on 132 SMs): a group is cut into chunks, (channel block, range of spatial positions),
+  handled by different programs, so a few huge groups still fill the GPU: the plan aims for ~4
+  programs per SM. Forward pass 1 writes per-chunk (count, mean, M2) into a small fp32 buffer;
+  pass 2 combines the group's chunks in its prologue (Chan's parallel variance: exact, no
+  E[x^2] - E[x]^2 cancellation) and normalises its chunk. Backward pass 1 writes per-chunk
   (sum g*xhat, sum g) and the chunk's per-channel dw/db sums into an (N, s_chunks, C) partial;
   pass 2 writes dx. Pass 2 re-reads what pass 1 read, so samples go in batches of at most
   BATCH_BYTES of re-read data: the re-read then comes from L2, not DRAM (A100 L2 40 MB, H100 50).
+
+  Programs per pass for the SD U-Net's GroupNorm(32, 320) at 64x64, B = 2, on 132 SMs (eager's
+  statistics kernel, one block per (sample, group), launches B * G = 64): NCHW 640 (10
+  one-channel blocks of 4,096 positions per group), channels_last 512 (8 spatial chunks of 512
+  positions x 16-wide channel tiles per group); two launches per direction, one launch pair per
+  batch of samples (`launches` lists them). Cost of the split: the chunk programs re-read their
+  chunk (from L2: +1 read forward, +2 backward) and each pass-2 program reads its group's
+  n_chunks partials (12 or 8 bytes each; n_chunks <= ~4 * SMs / (batch * G) + channel blocks).
 
 Versions:
 - v1 (this one): fused + split paths, strided (N, C, S) tiles, heuristic launch parameters
@@ -45,6 +55,11 @@ Versions:
   sm_80/sm_90; not yet run or timed on a GPU.
 - v1.1: the split passes on one flat grid axis (row x chunk): a group of 65,536+ channel blocks
   no longer puts more than CUDA's 65,535 programs on axis y.
+- v1.2: the SM count the plan assumes can be forced (set_limits(sm_count=...)), so the GPU's
+  plans are tested on CPU and a GPU can A/B the fused and split paths on one shape; `launches`
+  lists a call's launches and programs. Kernels and plans unchanged (the static figures in
+  bench/results/triton_resources_*.md stay as they were). Considered and not done: splitting
+  fused-size groups below 2 per SM (see _plan).
 """
 from __future__ import annotations
 
@@ -449,22 +464,32 @@ class _Plan(NamedTuple):
 
 
 def set_limits(max_fused: int = 8192, split_tile: int = 4096, batch_bytes: int = 16 << 20,
-               cpu_programs: int = 4) -> None:
+               cpu_programs: int = 4, sm_count: Optional[int] = None) -> None:
     """Change the fused/split threshold, the split tile, the L2 batch and the programs a CPU
-    (interpreter) launch aims for: tests use small values to reach every path."""
-    global MAX_FUSED, SPLIT_TILE, BATCH_BYTES, _CPU_PROGRAMS
+    (interpreter) launch aims for: tests use small values to reach every path. sm_count: plan
+    as for a GPU with that many SMs on any device (tests of the GPU's plans on CPU); None: the
+    device's own (CPU: cpu_programs)."""
+    global MAX_FUSED, SPLIT_TILE, BATCH_BYTES, _CPU_PROGRAMS, _SM_COUNT
     MAX_FUSED, SPLIT_TILE, BATCH_BYTES, _CPU_PROGRAMS = max_fused, split_tile, batch_bytes, cpu_programs
+    _SM_COUNT = sm_count
     _plan.cache_clear()
 
 
-_CPU_PROGRAMS = 4  # the interpreter: few programs keep the tests quick
+_CPU_PROGRAMS = 4   # the interpreter: few programs keep the tests quick
+_SM_COUNT = None    # forced SM count (set_limits), or None
+_PER_SM = 4         # programs per SM a split launch aims for
+_FEW_PER_SM = 1     # fewer (sample, group)s per SM than this: fused-size groups split too
 
 
 def _programs_wanted(device: torch.device) -> int:
+    """Programs a launch should have to fill the device: _PER_SM per SM."""
+    if _SM_COUNT is not None:
+        return _PER_SM * _SM_COUNT
     if device.type != "cuda":
         return _CPU_PROGRAMS
     from dlh_kernels._ext import sm_count
-    return 4 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _PER_SM * sm_count(index)
 
 
 def _pow2(n: int) -> int:
@@ -480,8 +505,12 @@ def _plan(N: int, C: int, G: int, S: int, channels_inner: bool, reread_bytes: in
     want = _programs_wanted(device)
     block_c, block_s = _pow2(CG), _pow2(S)
     tile = block_c * block_s
-    # few groups that are large: split them even when they would fit, to fill the GPU
-    few = N * G * 4 < want and tile > SPLIT_TILE
+    # few groups that are large: split them even when they would fit, to fill the GPU. Few:
+    # fewer than _FEW_PER_SM groups per SM (want is _PER_SM per SM). Large: past one split tile.
+    # Not 2 per SM: a fused program loads its whole group (<= MAX_FUSED elements, <= 32 KB) in
+    # one go, so 1-2 of them per SM is a microsecond of traffic, while the split adds a launch
+    # (host cost, issue 19) and a re-read. Unmeasured: set_limits(sm_count=) A/Bs it on a GPU.
+    few = N * G * _PER_SM < want * _FEW_PER_SM and tile > SPLIT_TILE
     if tile <= MAX_FUSED and not few:
         num_warps = max(1, min(16, tile // 512))
         return _Plan(False, block_c, block_s, num_warps, 1, 1, S, 1, N)
@@ -501,6 +530,23 @@ def _plan(N: int, C: int, G: int, S: int, channels_inner: bool, reread_bytes: in
     num_warps = max(1, min(16, block_c * block_s // 512))
     return _Plan(True, block_c, block_s, num_warps, c_blocks, s_chunks, chunk_s,
                  _pow2(c_blocks * s_chunks), batch)
+
+
+def launches(N: int, C: int, G: int, S: int, channels_inner: bool, element_size: int,
+             device: torch.device, backward: bool = False) -> list[tuple[str, int]]:
+    """(kernel, programs) of every launch one forward (or backward) call makes, in order: the
+    plan's program counts, for tests and reports (nothing runs)."""
+    reread = C * S * element_size * (2 if backward else 1)
+    plan = _plan(N, C, G, S, channels_inner, reread, device)
+    kind = "bwd" if backward else "fwd"
+    if not plan.split:
+        return [(f"group_norm_{kind}_kernel", N * G)]
+    out = []
+    for n0 in range(0, N, plan.batch):
+        programs = (min(N, n0 + plan.batch) - n0) * G * plan.c_blocks * plan.s_chunks
+        out += [(f"group_norm_{kind}_partial_kernel", programs),
+                (f"group_norm_{kind}_apply_kernel", programs)]
+    return out
 
 
 def _needs_int64(*ts: torch.Tensor) -> bool:
