@@ -71,6 +71,7 @@ import triton
 import triton.language as tl
 
 from dlh_kernels._alloc import empty
+from dlh_kernels.triton_kernels.common import cdiv, launch, next_power_of_2
 
 # A group whose padded tile has at most MAX_FUSED elements is normalised from registers in one
 # pass; larger groups take the split path in tiles of SPLIT_TILE elements. BATCH_BYTES bounds the
@@ -493,7 +494,7 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(1, n))
+    return next_power_of_2(max(1, n))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -521,12 +522,12 @@ def _plan(N: int, C: int, G: int, S: int, channels_inner: bool, reread_bytes: in
         block_s = min(block_s, SPLIT_TILE)
         block_c = max(1, min(block_c, SPLIT_TILE // block_s))
     batch = max(1, min(N, BATCH_BYTES // max(1, reread_bytes)))
-    c_blocks = triton.cdiv(CG, block_c)
-    s_tiles = triton.cdiv(S, block_s)
-    chunks_wanted = triton.cdiv(want, batch * G)
-    s_chunks = max(1, min(s_tiles, triton.cdiv(chunks_wanted, c_blocks)))
-    chunk_s = triton.cdiv(s_tiles, s_chunks) * block_s
-    s_chunks = triton.cdiv(S, chunk_s)
+    c_blocks = cdiv(CG, block_c)
+    s_tiles = cdiv(S, block_s)
+    chunks_wanted = cdiv(want, batch * G)
+    s_chunks = max(1, min(s_tiles, cdiv(chunks_wanted, c_blocks)))
+    chunk_s = cdiv(s_tiles, s_chunks) * block_s
+    s_chunks = cdiv(S, chunk_s)
     num_warps = max(1, min(16, block_c * block_s // 512))
     return _Plan(True, block_c, block_s, num_warps, c_blocks, s_chunks, chunk_s,
                  _pow2(c_blocks * s_chunks), batch)
@@ -573,8 +574,8 @@ def group_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, INT64=int64,
                  BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
     if not plan.split:
-        group_norm_fwd_kernel[(N * G,)](
-            x, weight, bias, y, mean, rstd, *_strides(x), *_strides(y), G, CG, S, eps, **flags)
+        launch(group_norm_fwd_kernel, (N * G,),
+               (x, weight, bias, y, mean, rstd, *_strides(x), *_strides(y), G, CG, S, eps), flags)
         return
     n_chunks = plan.c_blocks * plan.s_chunks
     partial = empty((min(N, plan.batch) * G, n_chunks, 3), torch.float32, x.device)
@@ -582,13 +583,13 @@ def group_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
         n1 = min(N, n0 + plan.batch)
         xb, yb = x[n0:n1], y[n0:n1]
         grid = ((n1 - n0) * G * n_chunks,)
-        group_norm_fwd_partial_kernel[grid](
-            xb, partial, *_strides(xb), G, CG, S, plan.chunk_s, plan.s_chunks,
-            INT64=int64, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
-        group_norm_fwd_apply_kernel[grid](
-            xb, weight, bias, yb, mean[n0 * G:n1 * G], rstd[n0 * G:n1 * G], partial,
-            *_strides(xb), *_strides(yb), G, CG, S, plan.chunk_s, plan.s_chunks, eps,
-            CHUNKS_P2=plan.chunks_p2, **flags)
+        launch(group_norm_fwd_partial_kernel, grid,
+               (xb, partial, *_strides(xb), G, CG, S, plan.chunk_s, plan.s_chunks),
+               dict(INT64=int64, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps))
+        launch(group_norm_fwd_apply_kernel, grid,
+               (xb, weight, bias, yb, mean[n0 * G:n1 * G], rstd[n0 * G:n1 * G], partial,
+                *_strides(xb), *_strides(yb), G, CG, S, plan.chunk_s, plan.s_chunks, eps),
+               dict(CHUNKS_P2=plan.chunks_p2, **flags))
 
 
 def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
@@ -613,10 +614,10 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, INT64=int64,
                  BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
     if not plan.split:
-        group_norm_bwd_kernel[(N * G,)](
-            dy, x, weight, bias, mean, rstd, dx, dw_part, db_part,
-            *_strides(dy), *_strides(x), *_strides(dx), G, CG, S, C,
-            COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, **flags)
+        launch(group_norm_bwd_kernel, (N * G,),
+               (dy, x, weight, bias, mean, rstd, dx, dw_part, db_part,
+                *_strides(dy), *_strides(x), *_strides(dx), G, CG, S, C),
+               dict(COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, **flags))
     else:
         n_chunks = plan.c_blocks * plan.s_chunks
         partial = empty((min(N, plan.batch) * G, n_chunks, 2), torch.float32, x.device)
@@ -625,15 +626,15 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
             dyb, xb, dxb = dy[n0:n1], x[n0:n1], dx[n0:n1]
             stats = (mean[n0 * G:n1 * G], rstd[n0 * G:n1 * G])
             grid = ((n1 - n0) * G * n_chunks,)
-            group_norm_bwd_partial_kernel[grid](
-                dyb, xb, weight, bias, *stats, partial,
-                None if dw_part is None else dw_part[n0:n1], None if db_part is None else db_part[n0:n1],
-                *_strides(dyb), *_strides(xb), G, CG, S, C, plan.chunk_s, plan.s_chunks,
-                COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, **flags)
-            group_norm_bwd_apply_kernel[grid](
-                dyb, xb, weight, bias, *stats, dxb, partial,
-                *_strides(dyb), *_strides(xb), *_strides(dxb), G, CG, S, plan.chunk_s,
-                plan.s_chunks, CHUNKS_P2=plan.chunks_p2, **flags)
+            launch(group_norm_bwd_partial_kernel, grid,
+                   (dyb, xb, weight, bias, *stats, partial,
+                    None if dw_part is None else dw_part[n0:n1], None if db_part is None else db_part[n0:n1],
+                    *_strides(dyb), *_strides(xb), G, CG, S, C, plan.chunk_s, plan.s_chunks),
+                   dict(COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, **flags))
+            launch(group_norm_bwd_apply_kernel, grid,
+                   (dyb, xb, weight, bias, *stats, dxb, partial,
+                    *_strides(dyb), *_strides(xb), *_strides(dxb), G, CG, S, plan.chunk_s, plan.s_chunks),
+                   dict(CHUNKS_P2=plan.chunks_p2, **flags))
     # fixed-order sums over samples (and chunks): deterministic, no atomics
     dw = dw_part.sum((0, 1)) if compute_dw else None
     db = db_part.sum((0, 1)) if compute_db else None
