@@ -113,6 +113,16 @@ def test_gelu_sweep(shape, approximate, bias, dtype, backend):
     check_gelu(backend, shape, dtype, approximate, bias)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", ["same", "fp32"])
+@pytest.mark.parametrize("n", [1000, 5000])
+def test_gelu_bias_grad_row_loop(n, bias, dtype):
+    # 40 rows over the interpreter's 4 programs, the bias gradient's row loop loading each tile
+    # a tile ahead on half tiles: n = 1000: 2 x 1024 tiles, 12 rows a group (the last 4 rows and 8
+    # masked ones), a masked column tail; n = 5000: 1 x 2048 tiles (4096 halved), 20 rows a group
+    check_gelu("triton", (40, n), dtype, "tanh", bias)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias", [None, "same"])
 @pytest.mark.parametrize("layout", ["row_slice", "transposed", "strided_cols", "channels_last", "expanded"])

@@ -138,6 +138,56 @@ def test_huge_rows(op, dtype, backend):
     check_op(op, backend, (3,), (128, 32, 32), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [
+    8193,    # one past the backward's fused limit: forward fused (a 16K tile), backward split
+    16411,   # 16K + 27: the bf16 forward fused in a 32K tile; fp32 (fused up to 16K) split
+    32768,   # the 16-bit forward's fused limit, one full tile; fp32 split
+    32771,   # just past it: split everywhere
+])
+@pytest.mark.parametrize("op", OPS)
+def test_wide_rows(op, n, dtype):
+    if DEVICE.type == "cuda":
+        pytest.skip("test_gpu_sizes covers wide rows at real batch sizes")
+    check_op(op, "triton", (2,), (n,), dtype)
+
+
+def test_wide_row_paths():
+    # which path the rows above take (forward: 16-bit rows fused up to 32K, fp32 up to 16K;
+    # backward: up to 8K)
+    cpu = torch.device("cpu")
+    expected = {  # n: (fwd split 16-bit, bwd split 16-bit, fwd split fp32, bwd split fp32)
+        8192: (False, False, False, False), 8193: (False, True, False, True),
+        16384: (False, True, False, True), 16411: (False, True, True, True),
+        32768: (False, True, True, True), 32771: (True, True, True, True)}
+    for n, splits in expected.items():
+        got = tuple(triton_norms._plan(2, n, cpu, bwd, elem).split
+                    for elem in (2, 4) for bwd in (False, True))
+        assert got == splits, n
+        fused = triton_norms._plan(2, n, cpu, False, 2)
+        if not fused.split and n > 8192:  # wide fused rows: one row per program, 16 warps
+            assert (fused.block_m, fused.num_warps) == (1, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [1000, 5000])
+@pytest.mark.parametrize("op", OPS)
+def test_backward_row_loop(op, n, dtype):
+    assert triton_norms._plan(40, 5000, torch.device("cpu"), True, 2).prefetch
+    # 40 rows over the interpreter's 4 programs: 12 rows a group, the last group 4. 1000: tiles of
+    # 4 x 1024, 3 per group; 5000: one row of 8192 per tile, 12 per group, the 16-bit backward
+    # without a residual gradient loading each a tile ahead (PREFETCH)
+    check_op(op, "triton", (5, 8), (n,), dtype)
+
+
+def test_tiny_limits_reach_split(tiny_split_limits):
+    cpu = torch.device("cpu")
+    # forward: 64 elements of 16 bits, 32 of fp32; backward: 64 of either
+    for elem, backward, fused_n in ((2, False, 64), (4, False, 32), (2, True, 64), (4, True, 64)):
+        assert not triton_norms._plan(3, fused_n, cpu, backward, elem).split
+        assert triton_norms._plan(3, fused_n + 1, cpu, backward, elem).split
+
+
 @pytest.fixture
 def tiny_split_limits():
     """Reach the split path with interpreter-sized rows: fuse up to 64, split tiles of 16."""

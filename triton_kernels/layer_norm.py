@@ -19,9 +19,11 @@ h, y out); backward reads dy and h and writes dx (3s; +s for dh). Weights, mean/
 dw/db partials are O(N + M), noise for N >= 1K rows of a large tensor.
 
 Two paths:
-- fused (N <= MAX_FUSED_N): a BLOCK_M x BLOCK_N tile holds whole rows in registers; one read,
-  one write. The backward's programs each own a group of rows and keep their dw/db column
-  sums in registers, writing one fp32 partial row per program; torch sums the G partials.
+- fused (forward: N <= 32K for 16-bit rows, 16K for fp32; backward: N <= 8K): a BLOCK_M x
+  BLOCK_N tile holds whole rows in registers; one read, one write (backward: two reads, one
+  write). Rows past 4K get one row per program (8-16 warps). The backward's programs each own
+  a group of rows and keep their dw/db column sums in registers, writing one fp32 partial row
+  per program; torch sums the G partials.
 - split (large N): a row is cut into chunks handled by different programs, so a handful of
   huge rows (the diffusion U-Net's LayerNorm([128, 32, 32]) = 131,072 elements, batch 8) still
   fills the GPU. The forward's first kernel writes per-chunk (mean, M2) and the second combines
@@ -34,6 +36,12 @@ Versions:
   under the Triton interpreter on CPU against float64; not yet run or timed on a GPU.
 - v1.1: the backward's grid is (column tiles, row groups): a row of 2^28+ elements no longer
   puts more than CUDA's 65,535 column tiles on axis y.
+- v1.2: the fused forward reaches 32K-element rows (16-bit; fp32 16K), BLOCK_M 1 at 16 warps:
+  rows of 8K-32K are read once instead of twice (2 memory passes instead of 3, add_*: 4 instead
+  of 5). Launch-exact compiles (sm_80/sm_90, Triton 3.6/3.9): bf16 32K 111-127 registers, fp32
+  16K 64-95, no stack. The backward stays fused to 8K: at 16K its 5 row vectors spill (bf16
+  LayerNorm 1.4 KB of stack). The 16-bit backward of 4K-8K rows without dh loads a tile ahead
+  (PREFETCH; elsewhere the carried tile would cost a CTA per SM or spill).
 """
 from __future__ import annotations
 
@@ -46,10 +54,16 @@ import triton.language as tl
 
 from dlh_kernels._alloc import empty
 
-# Rows up to this many elements are normalised from registers in one pass; longer rows take the
-# split path. SPLIT_TILE is the tile a split program walks its chunk with. Tests lower both to
-# reach the split path with interpreter-sized tensors (set_limits).
-MAX_FUSED_N = 8192
+# Rows of 16-bit elements up to MAX_FUSED_N (fp32: half that, the same 64 KB) are normalised
+# from registers in one pass forward; backward, rows up to MAX_FUSED_BWD_N of any dtype, as the
+# backward's program also keeps the row's dy, h, w and the dw/db column sums on chip (5 row
+# vectors against the forward's 1-3). Beyond, rows are split over programs and read twice. The
+# limits are what compiles for sm_80/sm_90 at 16 warps (128 registers a thread) with no stack:
+# fp32 rows of 32K spill in the forward, 16-bit rows of 16K in the backward (bf16 LayerNorm:
+# 1.4 KB of stack). SPLIT_TILE is the tile a split program walks its chunk with. Tests lower
+# all three to reach the split path with interpreter-sized tensors (set_limits).
+MAX_FUSED_N = 32768
+MAX_FUSED_BWD_N = 8192
 SPLIT_TILE = 4096
 
 
@@ -242,6 +256,23 @@ def norm_bwd_partial_kernel(
 
 
 @triton.jit
+def _bwd_tile_loads(DY, Hin, Mean, Rstd, m0, last, cols, col_ok, stride_dy, stride_h,
+                    RMS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dy and h of rows [m0, m0 + BLOCK_M) (< last) in their storage dtype, and their rstd, mean."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < last
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows = rows.to(tl.int64)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+    h = tl.load(Hin + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+    mean = rstd  # unused (RMSNorm)
+    if not RMS:
+        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+    return dy, h, rstd, mean
+
+
+@triton.jit
 def norm_bwd_kernel(
     DY,         # output gradient rows, (M, N)
     Hin,        # normalised input rows (x, or h), (M, N)
@@ -255,6 +286,7 @@ def norm_bwd_kernel(
     M, N, rows_per_group, n_chunks,
     RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_DH: tl.constexpr,
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, SPLIT: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS_P2: tl.constexpr,
 ):
     """dx for a (row group, column tile), and that tile's dw/db partial sums.
@@ -272,20 +304,34 @@ def norm_bwd_kernel(
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
 
+    # PREFETCH: software-pipelined by hand, one tile deep. The loads of tile i+1 (dy, h in their
+    # storage dtype, rstd, mean) are issued before tile i's math and store, so they are in flight
+    # while it runs (Triton does not pipeline loads that feed no dot). The carried tile costs
+    # BLOCK_M * BLOCK_N / threads registers per tensor for 16-bit inputs (two values a register),
+    # twice that for fp32; the tile after the last is fully masked and moves no bytes.
     first = group * rows_per_group
     last = tl.minimum(first + rows_per_group, M)
+    if PREFETCH:
+        dy_next, h_next, rstd_next, mean_next = _bwd_tile_loads(
+            DY, Hin, Mean, Rstd, first, last, cols, col_ok, stride_dy, stride_h, RMS, BLOCK_M)
     for m0 in range(first, last, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < last
         mask = row_ok[:, None] & col_ok[None, :]
         rows = rows.to(tl.int64)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        h = tl.load(Hin + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+        if PREFETCH:
+            dy, h, rstd, mean = dy_next, h_next, rstd_next, mean_next
+            dy_next, h_next, rstd_next, mean_next = _bwd_tile_loads(
+                DY, Hin, Mean, Rstd, m0 + BLOCK_M, last, cols, col_ok, stride_dy, stride_h, RMS,
+                BLOCK_M)
+        else:
+            dy, h, rstd, mean = _bwd_tile_loads(DY, Hin, Mean, Rstd, m0, last, cols, col_ok,
+                                                stride_dy, stride_h, RMS, BLOCK_M)
+        dy = dy.to(tl.float32)
+        h = h.to(tl.float32)
         if RMS:
             xhat = h * rstd[:, None]
         else:
-            mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
             xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
         g = dy * w[None, :]
         if SPLIT:
@@ -327,12 +373,16 @@ class _Plan(NamedTuple):
     chunks_p2: int
     groups: int         # backward: row groups (programs along rows)
     rows_per_group: int
+    prefetch: bool      # backward: the row loop loads one tile ahead
 
 
-def set_limits(max_fused_n: int = 8192, split_tile: int = 4096) -> None:
-    """Change the fused/split threshold and the split tile (tests use small values)."""
-    global MAX_FUSED_N, SPLIT_TILE
+def set_limits(max_fused_n: int = 32768, split_tile: int = 4096,
+               max_fused_bwd_n: Optional[int] = None) -> None:
+    """Change the fused/split thresholds and the split tile (tests use small values).
+    max_fused_bwd_n None: the default's 8192, or max_fused_n where that is smaller."""
+    global MAX_FUSED_N, MAX_FUSED_BWD_N, SPLIT_TILE
     MAX_FUSED_N, SPLIT_TILE = max_fused_n, split_tile
+    MAX_FUSED_BWD_N = min(max_fused_n, 8192) if max_fused_bwd_n is None else max_fused_bwd_n
     _plan.cache_clear()
 
 
@@ -343,18 +393,38 @@ def _programs_wanted(device: torch.device) -> int:
     return 4 * sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _prefetch(split: bool, elem_size: int, num_warps: int) -> bool:
+    """Whether the backward's row loop may load a tile ahead (norm_bwd_kernel's PREFETCH; the
+    glue also asks for no residual gradient dh): only where the carried copy costs no CTA per SM
+    and no stack in the launch-exact compiles (sm_80/sm_90, Triton 3.6/3.9): 16-bit rows of
+    (4K, 8K], one row per tile at 16 warps, one CTA per SM with or without it (109-128
+    registers). Elsewhere it did not fit: fp32 tiles take 50-70 more registers; 16-bit 4-row
+    tiles and the split path's go from 2 CTAs/SM to 1 on sm_80 (add_layer_norm's split tile 100
+    -> 177 registers); with dh, add_layer_norm's 8K row spilled 24 B on sm_80 (3.6)."""
+    return PREFETCH_16BIT and not split and elem_size <= 2 and num_warps == 16
+
+
+# False: every backward row loop loads its own tile (a switch for side-by-side compiles)
+PREFETCH_16BIT = True
+
+
 @functools.lru_cache(maxsize=4096)
-def _plan(M: int, N: int, device: torch.device) -> _Plan:
+def _plan(M: int, N: int, device: torch.device, backward: bool = False,
+          elem_size: int = 2) -> _Plan:
     want = _programs_wanted(device)
-    if N <= MAX_FUSED_N:
+    if N <= (MAX_FUSED_BWD_N if backward else MAX_FUSED_N // (1 if elem_size <= 2 else 2)):
         block_n = triton.next_power_of_2(N)
         block_m = max(1, min(64, 4096 // block_n))
+        # 16 values per thread up to 8K-element tiles (4-16 warps); wider rows (BLOCK_M = 1) stay
+        # at 16 warps, the most that still gets 128 registers a thread: 32 values a thread at 16K,
+        # 64 at 32K (a 32K row is 128 KB as fp32: half of an SM's register file)
         num_warps = max(1, min(16, block_m * block_n // 512))
         row_tiles = triton.cdiv(M, block_m)
         groups = max(1, min(row_tiles, want))
         rows_per_group = triton.cdiv(row_tiles, groups) * block_m
         groups = triton.cdiv(M, rows_per_group)
-        return _Plan(False, block_m, block_n, num_warps, N, 1, 1, groups, rows_per_group)
+        return _Plan(False, block_m, block_n, num_warps, N, 1, 1, groups, rows_per_group,
+                     _prefetch(False, elem_size, num_warps))
     block_n = SPLIT_TILE
     tiles = triton.cdiv(N, block_n)
     chunks_wanted = max(1, min(tiles, triton.cdiv(want, M)))
@@ -365,7 +435,8 @@ def _plan(M: int, N: int, device: torch.device) -> _Plan:
     rows_per_group = triton.cdiv(M, groups)
     groups = triton.cdiv(M, rows_per_group)
     return _Plan(True, 1, block_n, num_warps, chunk, n_chunks,
-                 triton.next_power_of_2(n_chunks), groups, rows_per_group)
+                 triton.next_power_of_2(n_chunks), groups, rows_per_group,
+                 _prefetch(True, elem_size, num_warps))
 
 
 def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
@@ -375,7 +446,7 @@ def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
     M, N = x.shape
     if M == 0 or N == 0:
         return
-    plan = _plan(M, N, x.device)
+    plan = _plan(M, N, x.device, False, x.element_size())
     has_res = residual is not None
     if not plan.split:
         norm_fwd_kernel[(triton.cdiv(M, plan.block_m),)](
@@ -412,7 +483,7 @@ def norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Tensor],
     if M == 0 or N == 0:
         zeros = torch.zeros(N, dtype=torch.float32, device=h.device)
         return (zeros if compute_dw else None), (zeros.clone() if compute_db else None)
-    plan = _plan(M, N, h.device)
+    plan = _plan(M, N, h.device, True, h.element_size())
     if compute_dw:
         dw_part = empty((plan.groups, N), torch.float32, h.device)
     if compute_db:
@@ -431,6 +502,7 @@ def norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Tensor],
         M, N, plan.rows_per_group, plan.n_chunks,
         RMS=rms, HAS_W=weight is not None, HAS_DH=dh is not None,
         COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, SPLIT=plan.split,
+        PREFETCH=plan.prefetch and dh is None,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, CHUNKS_P2=plan.chunks_p2,
         num_warps=plan.num_warps)
     dw = dw_part.sum(0) if compute_dw else None
