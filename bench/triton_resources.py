@@ -338,7 +338,7 @@ def conv2d_cases(sweep: str):
         return cases
     for dt, dtype in _dtypes(["fp32", "fp16", "bf16"] if sweep == "full" else ["fp32", "bf16"]):
         for layout in ("nchw", "nhwc"):
-            if sweep == "full" or layout == "nhwc":
+            if sweep == "full" or layout == "nhwc" or dt == "bf16":
                 cases.append(case(dtype, 128, 128, 3, 1, layout, "silu", True))   # K/C 128: every tile
         if sweep == "full":
             cases.append(case(dtype, 64, 256, 1, 1, "nhwc", None, False))
@@ -367,9 +367,9 @@ def gelu_cases(sweep: str):
                 torch.backends.cuda.matmul.allow_tf32 = old
         return f"linear_gelu {dtype} {approx} bias={bias} tf32={tf32}", run
 
-    def elementwise(dtype, approx, what):
+    def elementwise(dtype, approx, what, rows=64):
         def run():
-            x = torch.randn(64, 1024, dtype=dtype, requires_grad=True)
+            x = torch.randn(rows, 1024, dtype=dtype, requires_grad=True)
             if what == "geglu":
                 y = DF.geglu(x, approximate=approx, backend="triton")
             elif what == "bias":
@@ -380,7 +380,7 @@ def gelu_cases(sweep: str):
             else:
                 y = DF.gelu(x, approximate=approx, backend="triton")
             _backward(y)
-        return f"gelu {dtype} {approx} {what}", run
+        return f"gelu {dtype} {approx} {what}" + (f" M={rows}" if rows != 64 else ""), run
 
     cases = []
     if sweep == "ci":
@@ -394,6 +394,8 @@ def gelu_cases(sweep: str):
         for what in ("plain", "bias", "geglu", "strided"):
             if sweep == "full" or dtype == torch.bfloat16:
                 cases.append(elementwise(dtype, "none" if what != "geglu" else "tanh", what))
+    # the bias gradient's row loop over several tiles (its prefetching path)
+    cases.append(elementwise(torch.bfloat16, "none", "bias", rows=4096))
     if sweep == "full":
         cases.append(linear(torch.float32, "none", True, True))
     return cases
@@ -404,9 +406,9 @@ def norm_cases(sweep: str):
     import dlh_kernels.functional as DF
     from dlh_kernels.triton_kernels import group_norm, layer_norm
 
-    def ln(dtype, kind, n, affine):
+    def ln(dtype, kind, n, affine, rows=64):
         def run():
-            x = torch.randn(64, n, dtype=dtype, requires_grad=True)
+            x = torch.randn(rows, n, dtype=dtype, requires_grad=True)
             w = torch.randn(n, dtype=dtype, requires_grad=True) if affine else None
             b = torch.randn(n, dtype=dtype, requires_grad=True) if affine else None
             if kind == "layer_norm":
@@ -414,12 +416,12 @@ def norm_cases(sweep: str):
             elif kind == "rms_norm":
                 outs = [DF.rms_norm(x, (n,), w, backend="triton")]
             else:
-                r = torch.randn(64, n, dtype=dtype, requires_grad=True)
+                r = torch.randn(rows, n, dtype=dtype, requires_grad=True)
                 fn = DF.add_layer_norm if kind == "add_layer_norm" else DF.add_rms_norm
                 extra = (w, b) if kind == "add_layer_norm" else (w,)
                 outs = list(fn(x, r, (n,), *extra, backend="triton"))
             _backward(*outs)
-        return f"{kind} {dtype} N={n} affine={affine}", run
+        return f"{kind} {dtype} N={n} affine={affine}" + (f" M={rows}" if rows != 64 else ""), run
 
     def gn(dtype, c, hw, groups, layout, affine, act, w_dtype=None):
         def run():
@@ -447,6 +449,15 @@ def norm_cases(sweep: str):
         cases.append(gn(dtype, 512, 64, 32, "nchw", True, None))         # split (big groups)
         cases.append(gn(dtype, 64, 16, 8, "nhwc", False, "silu"))
     cases.append(gn(_dtypes(["fp16"])[0][1], 128, 32, 32, "nchw", True, "silu", w_dtype=torch.float32))
+    # the single-pass wide rows (16-bit to 32K, fp32 to 16K) and the backward's prefetching row
+    # loop (16-bit fused rows of 4K-8K, enough rows for the loop to run several tiles)
+    cases.append(ln(torch.bfloat16, "layer_norm", 32768, True))
+    cases.append(ln(torch.float32, "layer_norm", 16384, True))
+    cases.append(ln(torch.bfloat16, "layer_norm", 8192, True, rows=2048))
+    # the SD U-Net's GroupNorm(32, 320) + SiLU at 64x64, batch 2 (Cg = 10): the split over 640
+    # (NCHW) and 512 (channels_last) programs; NHWC's 16-wide tiles of 10 channels load scalars
+    for layout in ("nchw", "nhwc"):
+        cases.append(gn(torch.bfloat16, 320, 64, 32, layout, True, "silu"))
     del group_norm
     return cases
 
@@ -931,9 +942,12 @@ NOTES: dict = {
         "`--sweep report` (this file): attention fixed path at head dims 64/128/256 (fp32, bf16; "
         "fp16 at 128) with the additive mask + dropout (the largest footprint), the autotune lists "
         "at hd 128 (fp32, bf16) and 256 (bf16) with the same extras, atomic dQ, a BSHD + GQA + bool "
-        "mask call and a causal Dv != D call; conv2d NHWC (fp32, bf16) with bias + SiLU, forward, "
-        "GRAD epilogue and both backward kernels; linear_gelu bf16 (forward and GRAD); the "
-        "elementwise GELU/GeGLU, the four norm flavours fused and split, GroupNorm fused and split, "
+        "mask call and a causal Dv != D call; conv2d NHWC (fp32, bf16) and NCHW (bf16) with bias + "
+        "SiLU, forward, GRAD epilogue and both backward kernels; linear_gelu bf16 (forward and GRAD); the "
+        "elementwise GELU/GeGLU (and the bias gradient's row loop at 4096 rows), the four norm "
+        "flavours fused and split (single-pass wide rows: bf16 32K, fp32 16K; the backward's "
+        "prefetching loop at 2048 x 8192), GroupNorm fused and split (and the SD U-Net's 320 "
+        "channels in 32 groups at 64x64, NCHW and channels_last), "
         "the diffusion step (bf16); linear (bf16: GELU-tanh with a Conv1D weight, ReLU), the unary "
         "activations (SiLU/ReLU/LeakyReLU, fp32 and bf16, dense and a strided view) and the gated "
         "ones (SwiGLU, gated GELU: fused halves and separate gate/up), forward and backward; rotary "
@@ -956,8 +970,12 @@ NOTES: dict = {
         "fp32 linear_gelu with ieee dots (review T4) is in `--sweep full` only: its large configs "
         "take 5-25 s each to compile and put kilobytes per thread on the stack (the review's "
         "numbers); the early prune keeps only configs that fit.",
-        "conv2d NCHW (review T5) is in `--sweep full`: its loads are not cp.async (the channel "
-        "stride is not 1); NHWC pipelines.",
+        "conv2d NCHW (review T5): the weight is handed over with unit channel stride, so its tile "
+        "is cp.async and the flat (tap, channel block) loop pipelines; the 16-bit input tile stays "
+        "scalar loads (each tap shifts the contiguous w run by 2 bytes), which is why `auto` runs "
+        "16-bit NCHW on cuDNN. NHWC pipelines both tiles.",
+        "attention dropout (review T6): one Philox call per 4 keys; the keep tile's interleave "
+        "costs BLOCK_M x BLOCK_N bytes of shared memory (in the estimate).",
     ],
 }
 

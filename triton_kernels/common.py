@@ -259,7 +259,11 @@ def launch(fn, grid, args: tuple, meta: dict) -> None:
     if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
         fn[grid(meta) if callable(grid) else grid](*args, **meta)
         return
-    active, device, backend, binder = _device_and_backend(fn)
+    try:
+        active, device, backend, binder = _device_and_backend(fn)
+    except RuntimeError:  # no active driver: a tool that intercepts launches (triton_resources)
+        fn[grid(meta) if callable(grid) else grid](*args, **meta)
+        return
     key = (fn, device, tuple(meta.items()),
            tuple([native_specialize_impl(backend, a, False, True, True) for a in args]))
     grid = grid(meta) if callable(grid) else grid

@@ -54,7 +54,8 @@ import triton.language as tl
 
 from dlh_kernels._alloc import empty
 from dlh_kernels._cache import persistent_autotune
-from dlh_kernels.triton_kernels.common import fits_shared_memory, gelu_fp32, gelu_grad_fp32
+from dlh_kernels.triton_kernels.common import (cdiv, fits_shared_memory, gelu_fp32, gelu_grad_fp32, launch,
+                                               next_power_of_2)
 from dlh_kernels.triton_kernels.linear import (ACTIVATIONS, INTERPRETER_MATMUL_CONFIG, _bucket,  # noqa: F401
                                                _input_precision, _matmul_configs, linear_tile)
 
@@ -233,8 +234,8 @@ class _Tiles(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)
 def _tiles(M: int, N: int) -> _Tiles:
-    block_n = min(triton.next_power_of_2(N), TILE)
-    block_m = max(1, min(triton.next_power_of_2(M), TILE // block_n))
+    block_n = min(next_power_of_2(N), TILE)
+    block_m = max(1, min(next_power_of_2(M), TILE // block_n))
     return _Tiles(block_m, block_n, 8 if block_m * block_n >= 4096 else 4)
 
 
@@ -243,10 +244,11 @@ def gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor, tan
     if M == 0 or N == 0:
         return
     t = _tiles(M, N)
-    grid = (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n),)
-    gelu_fwd_kernel[grid](x, bias, y, M, N, x.stride(0), y.stride(0),
-                          TANH=tanh, HAS_BIAS=bias is not None,
-                          BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
+    grid = (cdiv(M, t.block_m) * cdiv(N, t.block_n),)
+    launch(gelu_fwd_kernel, grid,
+           (x, bias, y, M, N, x.stride(0), y.stride(0)),
+           dict(TANH=tanh, HAS_BIAS=bias is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                num_warps=t.num_warps))
 
 
 def _programs_wanted(device: torch.device) -> int:
@@ -268,13 +270,13 @@ def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], dx
     if M == 0 or N == 0:
         return torch.zeros(N, dtype=torch.float32, device=x.device) if bias_grad else None
     t = _tiles(M, N)
-    col_tiles = triton.cdiv(N, t.block_n)
-    row_tiles = triton.cdiv(M, t.block_m)
+    col_tiles = cdiv(N, t.block_n)
+    row_tiles = cdiv(M, t.block_m)
     groups = row_tiles
     if bias_grad:  # few enough row groups that the partials stay small, enough to fill the GPU
-        groups = max(1, min(row_tiles, triton.cdiv(_programs_wanted(x.device), col_tiles)))
-    rows_per_group = triton.cdiv(row_tiles, groups) * t.block_m
-    groups = triton.cdiv(M, rows_per_group)
+        groups = max(1, min(row_tiles, cdiv(_programs_wanted(x.device), col_tiles)))
+    rows_per_group = cdiv(row_tiles, groups) * t.block_m
+    groups = cdiv(M, rows_per_group)
     db_part = empty((groups, N), torch.float32, x.device) if bias_grad else None
     # a row loop that loads a tile ahead walks half tiles: the carried copy takes the registers
     # the halved tile frees, so as many CTAs fit per SM as without it (launch-exact compiles)
@@ -285,11 +287,11 @@ def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], dx
             block_m //= 2
         else:
             block_n //= 2
-            col_tiles = triton.cdiv(N, block_n)
-    gelu_bwd_kernel[(groups * col_tiles,)](
-        dy, x, bias, dx, db_part, M, N, dy.stride(0), x.stride(0), dx.stride(0), rows_per_group,
-        TANH=tanh, HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, PREFETCH=prefetch,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=t.num_warps)
+            col_tiles = cdiv(N, block_n)
+    launch(gelu_bwd_kernel, (groups * col_tiles,),
+           (dy, x, bias, dx, db_part, M, N, dy.stride(0), x.stride(0), dx.stride(0), rows_per_group),
+           dict(TANH=tanh, HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, PREFETCH=prefetch,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=t.num_warps))
     return db_part.sum(0) if bias_grad else None
 
 
@@ -299,9 +301,10 @@ def geglu_fwd(x: torch.Tensor, y: torch.Tensor, tanh: bool) -> None:
     if M == 0 or H == 0:
         return
     t = _tiles(M, H)
-    grid = (triton.cdiv(M, t.block_m) * triton.cdiv(H, t.block_n),)
-    geglu_fwd_kernel[grid](x, y, M, H, x.stride(0), y.stride(0), TANH=tanh,
-                           BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
+    grid = (cdiv(M, t.block_m) * cdiv(H, t.block_n),)
+    launch(geglu_fwd_kernel, grid,
+           (x, y, M, H, x.stride(0), y.stride(0)),
+           dict(TANH=tanh, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps))
 
 
 def geglu_bwd(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, tanh: bool) -> None:
@@ -309,9 +312,10 @@ def geglu_bwd(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, tanh: bool) -
     if M == 0 or H == 0:
         return
     t = _tiles(M, H)
-    grid = (triton.cdiv(M, t.block_m) * triton.cdiv(H, t.block_n),)
-    geglu_bwd_kernel[grid](dy, x, dx, M, H, dy.stride(0), x.stride(0), dx.stride(0), TANH=tanh,
-                           BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps)
+    grid = (cdiv(M, t.block_m) * cdiv(H, t.block_n),)
+    launch(geglu_bwd_kernel, grid,
+           (dy, x, dx, M, H, dy.stride(0), x.stride(0), dx.stride(0)),
+           dict(TANH=tanh, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps))
 
 
 # linear_gelu tiles: the config list (and the interpreter's one config) of DF.linear's kernel,
@@ -350,9 +354,9 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                  INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=_interpreting())
     if not _autotuned():
         c = INTERPRETER_MATMUL_CONFIG
-        grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
-        linear_gelu_kernel[grid](*args, **flags, **c)
+        grid = (cdiv(M, c["BLOCK_M"]) * cdiv(N, c["BLOCK_N"]),)
+        launch(linear_gelu_kernel, grid, args, {**flags, **c})
         return
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     _tuned_linear_gelu()[grid](*args, **flags)

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from dlh_kernels._alloc import empty
+from dlh_kernels.triton_kernels.common import cdiv, launch, next_power_of_2
 
 # Rows of 16-bit elements up to MAX_FUSED_N (fp32: half that, the same 64 KB) are normalised
 # from registers in one pass forward; backward, rows up to MAX_FUSED_BWD_N of any dtype, as the
@@ -413,29 +414,29 @@ def _plan(M: int, N: int, device: torch.device, backward: bool = False,
           elem_size: int = 2) -> _Plan:
     want = _programs_wanted(device)
     if N <= (MAX_FUSED_BWD_N if backward else MAX_FUSED_N // (1 if elem_size <= 2 else 2)):
-        block_n = triton.next_power_of_2(N)
+        block_n = next_power_of_2(N)
         block_m = max(1, min(64, 4096 // block_n))
         # 16 values per thread up to 8K-element tiles (4-16 warps); wider rows (BLOCK_M = 1) stay
         # at 16 warps, the most that still gets 128 registers a thread: 32 values a thread at 16K,
         # 64 at 32K (a 32K row is 128 KB as fp32: half of an SM's register file)
         num_warps = max(1, min(16, block_m * block_n // 512))
-        row_tiles = triton.cdiv(M, block_m)
+        row_tiles = cdiv(M, block_m)
         groups = max(1, min(row_tiles, want))
-        rows_per_group = triton.cdiv(row_tiles, groups) * block_m
-        groups = triton.cdiv(M, rows_per_group)
+        rows_per_group = cdiv(row_tiles, groups) * block_m
+        groups = cdiv(M, rows_per_group)
         return _Plan(False, block_m, block_n, num_warps, N, 1, 1, groups, rows_per_group,
                      _prefetch(False, elem_size, num_warps))
     block_n = SPLIT_TILE
-    tiles = triton.cdiv(N, block_n)
-    chunks_wanted = max(1, min(tiles, triton.cdiv(want, M)))
-    chunk = triton.cdiv(tiles, chunks_wanted) * block_n
-    n_chunks = triton.cdiv(N, chunk)
+    tiles = cdiv(N, block_n)
+    chunks_wanted = max(1, min(tiles, cdiv(want, M)))
+    chunk = cdiv(tiles, chunks_wanted) * block_n
+    n_chunks = cdiv(N, chunk)
     num_warps = max(1, min(16, block_n // 512))
-    groups = max(1, min(M, triton.cdiv(want, tiles)))
-    rows_per_group = triton.cdiv(M, groups)
-    groups = triton.cdiv(M, rows_per_group)
+    groups = max(1, min(M, cdiv(want, tiles)))
+    rows_per_group = cdiv(M, groups)
+    groups = cdiv(M, rows_per_group)
     return _Plan(True, 1, block_n, num_warps, chunk, n_chunks,
-                 triton.next_power_of_2(n_chunks), groups, rows_per_group,
+                 next_power_of_2(n_chunks), groups, rows_per_group,
                  _prefetch(True, elem_size, num_warps))
 
 
@@ -449,28 +450,25 @@ def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional
     plan = _plan(M, N, x.device, False, x.element_size())
     has_res = residual is not None
     if not plan.split:
-        norm_fwd_kernel[(triton.cdiv(M, plan.block_m),)](
-            x, residual, weight, bias, y, h, mean, rstd,
-            x.stride(0), residual.stride(0) if has_res else 0, y.stride(0),
-            h.stride(0) if has_res else 0,
-            M, N, eps,
-            RMS=rms, HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None,
-            BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=plan.num_warps)
+        launch(norm_fwd_kernel, (cdiv(M, plan.block_m),),
+               (x, residual, weight, bias, y, h, mean, rstd, x.stride(0),
+                residual.stride(0) if has_res else 0, y.stride(0), h.stride(0) if has_res else 0, M, N,
+                eps),
+               dict(RMS=rms, HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None,
+                    BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=plan.num_warps))
         return
     partial = empty((M, plan.n_chunks, 2), torch.float32, x.device)
     grid = (M, plan.n_chunks)
-    norm_fwd_partial_kernel[grid](
-        x, residual, h, partial,
-        x.stride(0), residual.stride(0) if has_res else 0, h.stride(0) if has_res else 0,
-        N, plan.chunk, plan.n_chunks,
-        RMS=rms, HAS_RES=has_res, BLOCK_N=plan.block_n, num_warps=plan.num_warps)
+    launch(norm_fwd_partial_kernel, grid,
+           (x, residual, h, partial, x.stride(0), residual.stride(0) if has_res else 0,
+            h.stride(0) if has_res else 0, N, plan.chunk, plan.n_chunks),
+           dict(RMS=rms, HAS_RES=has_res, BLOCK_N=plan.block_n, num_warps=plan.num_warps))
     src = h if has_res else x
-    norm_fwd_apply_kernel[grid](
-        src, weight, bias, y, mean, rstd, partial,
-        src.stride(0), y.stride(0),
-        N, plan.chunk, plan.n_chunks, eps,
-        RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None,
-        BLOCK_N=plan.block_n, CHUNKS_P2=plan.chunks_p2, num_warps=plan.num_warps)
+    launch(norm_fwd_apply_kernel, grid,
+           (src, weight, bias, y, mean, rstd, partial, src.stride(0), y.stride(0), N, plan.chunk,
+            plan.n_chunks, eps),
+           dict(RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_N=plan.block_n,
+                CHUNKS_P2=plan.chunks_p2, num_warps=plan.num_warps))
 
 
 def norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Tensor],
@@ -491,20 +489,18 @@ def norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Tensor],
     partial = None
     if plan.split:
         partial = empty((M, plan.n_chunks, 2), torch.float32, h.device)
-        norm_bwd_partial_kernel[(M, plan.n_chunks)](
-            dy, h, weight, mean, rstd, partial,
-            dy.stride(0), h.stride(0),
-            N, plan.chunk, plan.n_chunks,
-            RMS=rms, HAS_W=weight is not None, BLOCK_N=plan.block_n, num_warps=plan.num_warps)
-    norm_bwd_kernel[(-(-N // plan.block_n), plan.groups)](
-        dy, h, weight, mean, rstd, dh, dx, dw_part, db_part, partial,
-        dy.stride(0), h.stride(0), dh.stride(0) if dh is not None else 0, dx.stride(0),
-        M, N, plan.rows_per_group, plan.n_chunks,
-        RMS=rms, HAS_W=weight is not None, HAS_DH=dh is not None,
-        COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, SPLIT=plan.split,
-        PREFETCH=plan.prefetch and dh is None,
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, CHUNKS_P2=plan.chunks_p2,
-        num_warps=plan.num_warps)
+        launch(norm_bwd_partial_kernel, (M, plan.n_chunks),
+               (dy, h, weight, mean, rstd, partial, dy.stride(0), h.stride(0), N, plan.chunk,
+                plan.n_chunks),
+               dict(RMS=rms, HAS_W=weight is not None, BLOCK_N=plan.block_n, num_warps=plan.num_warps))
+    launch(norm_bwd_kernel, (-(-N // plan.block_n), plan.groups),
+           (dy, h, weight, mean, rstd, dh, dx, dw_part, db_part, partial, dy.stride(0), h.stride(0),
+            dh.stride(0) if dh is not None else 0, dx.stride(0), M, N, plan.rows_per_group,
+            plan.n_chunks),
+           dict(RMS=rms, HAS_W=weight is not None, HAS_DH=dh is not None, COMPUTE_DW=compute_dw,
+                COMPUTE_DB=compute_db, SPLIT=plan.split, PREFETCH=plan.prefetch and dh is None,
+                BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, CHUNKS_P2=plan.chunks_p2,
+                num_warps=plan.num_warps))
     dw = dw_part.sum(0) if compute_dw else None
     db = db_part.sum(0) if compute_db else None
     return dw, db
