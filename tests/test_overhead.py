@@ -50,8 +50,12 @@ def test_auto_puts_the_cheapest_launch_first_for_host_bound_calls(monkeypatch):
 @pytest.mark.parametrize("tf32", [False, True])
 def test_auto_runs_fp32_matmuls_on_torch_without_tf32(monkeypatch, tf32):
     _backend = _fake_cuda(monkeypatch)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-    order = _backend.matmul_auto_order(torch.float32)
+    old = torch.backends.cuda.matmul.allow_tf32  # a property of torch's module object: set, then restore
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        order = _backend.matmul_auto_order(torch.float32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
     assert _backend.choose("linear_gelu", None, "cuda", lambda b: None, order) == ("triton" if tf32 else "torch")
     assert _backend.matmul_auto_order(torch.bfloat16) == _backend.AUTO_ORDER_CUDA
     # a backend named explicitly still runs the kernel

@@ -226,7 +226,10 @@ def next_power_of_2(n: int) -> int:
 # (profilers: proton, TRITON_KERNEL_DUMP tools) or under the interpreter.
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_launches: dict = {}
+_launches: dict = {}  # (id(fn), device, constexprs, specialisation) -> the launcher and its arguments
+if not _INTERPRET:
+    from triton import knobs as _knobs
+    from triton._C.libtriton import native_specialize_impl as _specialize
 
 
 def _device_and_backend(fn):
@@ -253,9 +256,7 @@ def launch(fn, grid, args: tuple, meta: dict) -> None:
     if _INTERPRET:
         fn[grid(meta) if callable(grid) else grid](*args, **meta)
         return
-    from triton import knobs
-    from triton._C.libtriton import native_specialize_impl
-    runtime = knobs.runtime
+    runtime = _knobs.runtime
     if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
         fn[grid(meta) if callable(grid) else grid](*args, **meta)
         return
@@ -264,8 +265,8 @@ def launch(fn, grid, args: tuple, meta: dict) -> None:
     except RuntimeError:  # no active driver: a tool that intercepts launches (triton_resources)
         fn[grid(meta) if callable(grid) else grid](*args, **meta)
         return
-    key = (fn, device, tuple(meta.items()),
-           tuple([native_specialize_impl(backend, a, False, True, True) for a in args]))
+    spec = _specialize
+    key = (id(fn), device, tuple(meta.items()), tuple([spec(backend, a, False, True, True) for a in args]))
     grid = grid(meta) if callable(grid) else grid
     entry = _launches.get(key)
     if entry is None:

@@ -95,12 +95,12 @@ def _torch_unary_bwd(dy, x, dx, act, slope):
 
 
 def _triton_unary_fwd(x, y, act, slope):
-    from dlh_kernels.triton_kernels import activation as kernels
+    kernels = _backend.triton_module("activation")
     kernels.activation_fwd(x, y, act, slope)
 
 
 def _triton_unary_bwd(dy, x, dx, act, slope):
-    from dlh_kernels.triton_kernels import activation as kernels
+    kernels = _backend.triton_module("activation")
     kernels.activation_bwd(dy, x, dx, act, slope)
 
 
@@ -127,12 +127,12 @@ def _torch_gated_bwd(dy, g, u, dg, du, act):
 
 
 def _triton_gated_fwd(g, u, y, act):
-    from dlh_kernels.triton_kernels import activation as kernels
+    kernels = _backend.triton_module("activation")
     kernels.gated_fwd(g, u, y, act)
 
 
 def _triton_gated_bwd(dy, g, u, dg, du, act):
-    from dlh_kernels.triton_kernels import activation as kernels
+    kernels = _backend.triton_module("activation")
     kernels.gated_bwd(dy, g, u, dg, du, act)
 
 

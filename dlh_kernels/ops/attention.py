@@ -72,7 +72,7 @@ def dropout_mask(query, key, dropout_p: float, seed: torch.Tensor) -> torch.Tens
     Tests reproduce a call's mask with ``torch.manual_seed(s)`` before the call and before
     ``draw_seed(device)`` (the call draws its seed exactly like that).
     """
-    from dlh_kernels.triton_kernels import attention as kernels
+    kernels = _backend.triton_module("attention")
     B, Hq, L = tuple(getattr(query, "shape", query))[:3]
     S = tuple(getattr(key, "shape", key))[2]
     return kernels.dropout_keep_mask(seed, B, Hq, L, S, dropout_p)
@@ -147,7 +147,7 @@ def _torch_fwd(q, k, v, mask, seed, dropout_p, is_causal, scale):
 
 
 def _triton_fwd(q, k, v, mask, seed, dropout_p, is_causal, scale):
-    from dlh_kernels.triton_kernels import attention as kernels
+    kernels = _backend.triton_module("attention")
     q, k, v = (t if kernels.fits_int32(t) else t.contiguous() for t in (q, k, v))
     B, Hq, L, _ = q.shape
     out = _alloc.empty((B, Hq, L, v.shape[3]), q.dtype, q.device)
@@ -262,7 +262,7 @@ def _torch_bwd(do, q, k, v, out, lse, mask, seed, dropout_p, is_causal, scale, m
 
 
 def _triton_bwd(do, q, k, v, out, lse, mask, seed, dropout_p, is_causal, scale, mask_grad, deterministic):
-    from dlh_kernels.triton_kernels import attention as kernels
+    kernels = _backend.triton_module("attention")
     q, k, v, do = (t if kernels.fits_int32(t) else t.contiguous() for t in (q, k, v, do))
     dq = _alloc.empty(q.shape, q.dtype, q.device)
     dk = _alloc.empty(k.shape, k.dtype, k.device)

@@ -129,7 +129,7 @@ def _torch_fwd(input, weight, bias, stride, padding, dilation, groups, act, slop
 
 
 def _triton_fwd(input, weight, bias, stride, padding, dilation, groups, act, slope, grad=None):
-    from dlh_kernels.triton_kernels import conv2d as kernels
+    kernels = _backend.triton_module("conv2d")
     y = _new_output(_out_shape(input, weight, stride, padding, dilation), input, _channels_last(input))
     kernels.conv2d_fwd(input, weight, bias, y, stride, (padding[0], padding[2]), dilation, groups,
                        act, slope, grad)
@@ -175,7 +175,7 @@ def _torch_bwd(dz, input, weight, stride, padding, dilation, groups, input_grad,
 
 
 def _triton_bwd(dz, input, weight, stride, padding, dilation, groups, input_grad, weight_grad):
-    from dlh_kernels.triton_kernels import conv2d as kernels
+    kernels = _backend.triton_module("conv2d")
     pad = (padding[0], padding[2])
     dx = dw = None
     if input_grad:

@@ -257,7 +257,7 @@ def _kernel_args(x, m, u, z, out):
 
 
 def _triton_step(x, m, u, z, out, table, t, pt, seed, method, pred, eta, clip, guidance):
-    from dlh_kernels.triton_kernels import diffusion_step as kernels
+    kernels = _backend.triton_module("diffusion_step")
     (x, m, u, z, target), layout, per_batch = _kernel_args(x, m, u, z, out)
     kernels.diffusion_step(x, m, u, z, target, table, t, pt, seed, layout, per_batch,
                            method=method, pred=pred, eta=eta, clip=clip, guidance=guidance)
@@ -300,7 +300,7 @@ def _torch_randn(out, seed):
 
 
 def _triton_randn(out, seed):
-    from dlh_kernels.triton_kernels import diffusion_step as kernels
+    kernels = _backend.triton_module("diffusion_step")
     kernels.seeded_randn(out, seed)
 
 

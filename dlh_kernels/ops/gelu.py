@@ -101,12 +101,12 @@ def _torch_gelu_bwd(dy, x, bias, dx, tanh, bias_grad):
 
 
 def _triton_gelu_fwd(x, bias, y, tanh):
-    from dlh_kernels.triton_kernels import gelu as kernels
+    kernels = _backend.triton_module("gelu")
     kernels.gelu_fwd(x, bias, y, tanh)
 
 
 def _triton_gelu_bwd(dy, x, bias, dx, tanh, bias_grad):
-    from dlh_kernels.triton_kernels import gelu as kernels
+    kernels = _backend.triton_module("gelu")
     return kernels.gelu_bwd(dy, x, bias, dx, tanh, bias_grad)
 
 
@@ -145,12 +145,12 @@ def _torch_geglu_bwd(dy, x, dx, tanh):
 
 
 def _triton_geglu_fwd(x, y, tanh):
-    from dlh_kernels.triton_kernels import gelu as kernels
+    kernels = _backend.triton_module("gelu")
     kernels.geglu_fwd(x, y, tanh)
 
 
 def _triton_geglu_bwd(dy, x, dx, tanh):
-    from dlh_kernels.triton_kernels import gelu as kernels
+    kernels = _backend.triton_module("gelu")
     kernels.geglu_bwd(dy, x, dx, tanh)
 
 
@@ -288,7 +288,7 @@ def _torch_linear_gelu(x2, weight, bias, tanh, grad=None):
 
 
 def _triton_linear_gelu(x2, weight, bias, tanh, grad=None):
-    from dlh_kernels.triton_kernels import gelu as kernels
+    kernels = _backend.triton_module("gelu")
     out = _alloc.empty((x2.shape[0], weight.shape[0]), x2.dtype, x2.device)
     kernels.linear_gelu(x2, weight, bias, out, tanh, grad)
     return out

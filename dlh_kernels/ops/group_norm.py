@@ -127,12 +127,12 @@ def _torch_bwd(dy, x, weight, bias, mean, rstd, dx, G, silu, weight_grad, bias_g
 
 
 def _triton_fwd(x, weight, bias, y, mean, rstd, G, eps, silu):
-    from dlh_kernels.triton_kernels import group_norm as kernels
+    kernels = _backend.triton_module("group_norm")
     kernels.group_norm_fwd(x, weight, bias, y, mean, rstd, G, eps, silu)
 
 
 def _triton_bwd(dy, x, weight, bias, mean, rstd, dx, G, silu, weight_grad, bias_grad):
-    from dlh_kernels.triton_kernels import group_norm as kernels
+    kernels = _backend.triton_module("group_norm")
     return kernels.group_norm_bwd(dy, x, weight, bias, mean, rstd, dx, G, silu, weight_grad, bias_grad)
 
 

@@ -89,7 +89,7 @@ def _fwd_outputs(x, has_residual, rms):
 
 
 def _triton_fwd(x, residual, weight, bias, eps, rms):
-    from dlh_kernels.triton_kernels import layer_norm as kernels
+    kernels = _backend.triton_module("layer_norm")
     y, h, mean, rstd = _fwd_outputs(x, residual is not None, rms)
     kernels.norm_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, rms)
     return y, h, mean, rstd
@@ -128,7 +128,7 @@ def _torch_bwd(dy, h, weight, mean, rstd, dh, weight_grad, bias_grad):
 
 
 def _triton_bwd(dy, h, weight, mean, rstd, dh, weight_grad, bias_grad):
-    from dlh_kernels.triton_kernels import layer_norm as kernels
+    kernels = _backend.triton_module("layer_norm")
     dx = _alloc.empty(h.shape, h.dtype, h.device)
     dw, db = kernels.norm_bwd(dy, h, weight, mean, rstd, dh, dx, weight_grad, bias_grad)
     return dx, dw, db

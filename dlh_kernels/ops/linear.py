@@ -56,7 +56,7 @@ def _torch_linear(x2, weight, bias, act, slope, grad=None):
 
 
 def _triton_linear(x2, weight, bias, act, slope, grad=None):
-    from dlh_kernels.triton_kernels import linear as kernels
+    kernels = _backend.triton_module("linear")
     out = _alloc.empty((x2.shape[0], weight.shape[0]), x2.dtype, x2.device)
     kernels.linear(x2, weight, bias, out, act, slope, grad)
     return out

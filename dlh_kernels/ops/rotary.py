@@ -100,7 +100,7 @@ def _torch_rotary(q, k, q_out, k_out, cos, sin, interleaved, backward):
 
 
 def _triton_rotary(q, k, q_out, k_out, cos, sin, interleaved, backward):
-    from dlh_kernels.triton_kernels import rotary as kernels
+    kernels = _backend.triton_module("rotary")
     kernels.rotary(q, k, q_out, k_out, cos, sin, interleaved, backward)
 
 
