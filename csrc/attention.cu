@@ -237,29 +237,7 @@ __device__ __forceinline__ float masked(const AttnParams& p, const unsigned char
 // 4j .. 4j + 3) of row `row` of query head bh has the counter (bh * L + row) * ceil(S / 4) + j,
 // and its word w keeps key 4j + w when Triton's uniform of it is >= p (tl.rand4x).
 //
-// Philox4x32-10 of the counter (index low word, index high word, 0, 0) keyed by the 64-bit seed:
-// all four words (tl.randint4x; common.cuh's philox_words returns the first two).
-__device__ __forceinline__ void philox4(uint64_t seed, uint64_t index, uint32_t& w0, uint32_t& w1, uint32_t& w2,
-                                        uint32_t& w3) {
-  uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-#pragma unroll
-  for (int round = 0; round < 10; ++round) {
-    const uint32_t hi_b = mulhi32(0xCD9E8D57u, c2), hi_a = mulhi32(0xD2511F53u, c0);
-    const uint32_t lo_b = 0xCD9E8D57u * c2, lo_a = 0xD2511F53u * c0;
-    c0 = hi_b ^ c1 ^ k0;
-    c2 = hi_a ^ c3 ^ k1;
-    c1 = lo_b;
-    c3 = lo_a;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  w0 = c0;
-  w1 = c1;
-  w2 = c2;
-  w3 = c3;
-}
-
+// Philox4x32-10 of the counter: all four words, common.cuh's philox4 (tl.randint4x).
 // The keep decisions of key group `group` of row `row`: bit w for key 4 * group + w.
 __device__ __forceinline__ unsigned keep_bits(const AttnParams& p, uint64_t seed, int64_t bh, int row, int group) {
   const int64_t groups = (p.S + 3) / 4;

@@ -425,7 +425,9 @@ __device__ __forceinline__ uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);  // one mul.hi.u32
 }
 
-__device__ __forceinline__ void philox_words(uint64_t seed, uint64_t index, uint32_t& w0, uint32_t& w1) {
+// All four words (tl.randint4x; the attention kernels' dropout decides 4 keys with one call).
+__device__ __forceinline__ void philox4(uint64_t seed, uint64_t index, uint32_t& w0, uint32_t& w1, uint32_t& w2,
+                                        uint32_t& w3) {
   uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #pragma unroll
@@ -441,6 +443,14 @@ __device__ __forceinline__ void philox_words(uint64_t seed, uint64_t index, uint
   }
   w0 = c0;
   w1 = c1;
+  w2 = c2;
+  w3 = c3;
+}
+
+// Words 0 and 1 (tl.rand / tl.randn).
+__device__ __forceinline__ void philox_words(uint64_t seed, uint64_t index, uint32_t& w0, uint32_t& w1) {
+  uint32_t w2, w3;
+  philox4(seed, index, w0, w1, w2, w3);
 }
 
 // Triton's uint_to_uniform_float: a word to [0, 1).
