@@ -282,9 +282,11 @@ phase_first() {
 phase_second() {
     step "bench quick" "$(cap quick 120)" 60 "${BENCH[@]}" \
         layer_norm,gelu,linear_gelu,attention,conv2d,group_norm,diffusion --quick --out "$RESULTS"
-    step "bench overhead" "$(cap overhead 20)" 10 "${BENCH[@]}" overhead --out "$RESULTS"
+    step "bench overhead" "$(cap overhead 30)" 10 "${BENCH[@]}" overhead --out "$RESULTS"
     step "bench models" "$(cap models 50)" 30 "${BENCH[@]}" models --quick --budget-s 40 --out "$RESULTS"
     step "bench summary" 10 5 "${BENCH[@]}" summary --save-auto --out "$RESULTS"
+    # measured / predicted per benchmark row (bench/results/perf_model.md): which kernel is off
+    step "perf model" 10 5 python3 -m dlh_kernels.bench.perf_model --compare "$RESULTS"
     step report 10 5 python3 -m dlh_kernels.bench.report --results "$OUT_DIR" --stdout
 }
 

@@ -303,12 +303,16 @@ def _standin_available() -> Optional[str]:
 
 def measure(*, ops: Optional[list[str]] = None, dtype: torch.dtype = torch.bfloat16,
             device: str = "cpu", backends: Optional[list[str]] = None, repeats: int = 25,
-            target_s: float = 0.004, log: Callable[[str], None] = print) -> list[dict]:
+            target_s: float = 0.004, log: Callable[[str], None] = print,
+            budget_s: Optional[float] = None) -> list[dict]:
     """Rows of {op, mode, backend, path, us_per_call, F_us_per_call, ratio, extra_us}.
 
     device "cuda": every backend in ``backends`` with real launches. device "cpu": the torch
     backend on CPU tensors, and the triton and cuda backends on the stand-in GPU path.
+    budget_s: stop starting new ops past this many seconds (a GPU session's step cap; first
+    calls compile), saying which were left.
     """
+    start = time.perf_counter()
     chosen = [c for c in cases() if ops is None or c.op in ops]
     if backends is None:
         backends = ["torch", "triton", "cuda"]
@@ -320,7 +324,10 @@ def measure(*, ops: Optional[list[str]] = None, dtype: torch.dtype = torch.bfloa
         torch.set_num_threads(1)
     standin_why = _standin_available() if device == "cpu" else None
     try:
-        for case in chosen:
+        for i, case in enumerate(chosen):
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                log(f"time budget of {budget_s:.0f} s spent: not timed: {', '.join(c.op for c in chosen[i:])}")
+                break
             for mode in ("fwd", "fwd+bwd") if case.grad else ("fwd",):
                 plain = _loop(case, case.plain, mode, dtype, device)
                 calls, paths = {"F": plain}, {}
@@ -388,7 +395,10 @@ def run(*, dtype: str = "bf16", out: Optional[Path] = None, device: Optional[str
         return 1
     for b, why in skipped.items():
         print(f"skip backend {b}: {why}")
-    rows = measure(ops=ops, dtype=DTYPES[dtype], device=device, backends=backends)
+    # a GPU session gives this step ~30 s, first calls compiling included: fewer, shorter rounds
+    quick = dict(repeats=7, target_s=0.002, budget_s=float(os.environ.get("DLH_OVERHEAD_BUDGET_S", 22)))
+    rows = measure(ops=ops, dtype=DTYPES[dtype], device=device, backends=backends,
+                   **(quick if device == "cuda" else {}))
     print(common.format_table(rows, COLUMNS))
     if out is not None and rows:
         name = "overhead" if device == "cuda" else "overhead_cpu"

@@ -49,7 +49,8 @@ CHECK_GROUPS = ["diffusion_step", "gelu", "activation", "rotary", "layer_norm", 
     # the first command: at most 8 minutes, inside the device tool's 10 (start-up and transfers)
     ("first", 480, ["versions", "install", "dlh info", "checks", "bench smoke"]),
     # the optional second: at most 4 minutes
-    ("second", 240, ["install", "bench quick", "bench overhead", "bench models", "bench summary", "report"]),
+    ("second", 240, ["install", "bench quick", "bench overhead", "bench models", "bench summary", "perf model",
+                 "report"]),
 ])
 def test_gpu_session_dry_run_fits_its_cap(tmp_path, phase, budget, steps):
     out, caps = _dry_run(tmp_path, phase)
