@@ -51,6 +51,10 @@ SPILL_EXCEPTIONS = [
      "variants at 255 registers (the mask and dropout paths' extra live values), and Triton 3.9's "
      "bf16 causal Dv != D dK/dV (3 stores at 168 registers: ptxas' choice); the next smaller "
      "tiles give up wgmma for every call: left to issue 19's kernel work"),
+    ("conv2d_bwd_weight_kernel", "bf16", lambda r: r["arch"] == 80 and r["spill_stores"] <= 8,
+     "sm_80 dW of a bf16 NCHW call at its fixed 64 x 64 x 64 tile: 6 stores at 255 registers "
+     "(Triton 3.6); auto runs 16-bit NCHW convolutions on cuDNN (ops/conv2d.py NCHW_NOTE), so "
+     "only a call naming backend='triton' gets here"),
     ("conv2d_bwd_input_kernel", "*", lambda r: True,
      "dx's fixed 128 x 64 x 64 tile at 4 warps spills (fp32: 71 stores; bf16 on sm_80: 8); a "
      "different fixed tile needs its own compile sweep: not changed here (issue 19)"),
@@ -60,6 +64,12 @@ SPILL_EXCEPTIONS = [
      "(fewer live indices) is issue 19's"),
 ]
 ESTIMATE_EXCEPTIONS = [
+    ("*", "fp32", lambda r: r["kernel"].startswith("attn_bwd") and r["arch"] == 80 and r["meta"].get("DROPOUT")
+     and r["config"]["BLOCK_M"] * r["config"]["BLOCK_N"] == 64 * 64,
+     "sm_80 fp32 dK/dV, dQ, dmask at 64 x 64 with dropout: the keep tile's interleave (counted as "
+     "BLOCK_M x BLOCK_N bytes, exact on sm_90) shares a buffer on sm_80, so the estimate is 4-22 KB "
+     "high and drops these 147-164 KB configs that would fit; they spill 67-262 stores: pruning "
+     "them costs nothing"),
     ("attn_bwd_dq_kernel", "bf16", lambda r: r["arch"] == 80 and r["config"]["BLOCK_M"] == 128
      and r["config"]["num_stages"] == 3,
      "sm_80 dQ at 128 x 64, 3 stages: Triton sizes the K and V rings apart with mma.sync; the "
