@@ -64,7 +64,6 @@ class Case:
 
 def cases() -> list[Case]:
     import dlh_kernels.functional as DF
-    from dlh_kernels.ops import diffusion_step as ds
 
     def norm_inputs(dtype, device, bias=True, residual=False):
         n = 64

@@ -13,7 +13,7 @@ Two ways in, one set of implementations:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 

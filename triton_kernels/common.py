@@ -230,11 +230,11 @@ _launches: dict = {}  # (id(fn), device, constexprs, specialisation) -> the laun
 if not _INTERPRET:
     from triton import knobs as _knobs
     from triton._C.libtriton import native_specialize_impl as _specialize
+    from triton.runtime import driver as _driver
 
 
 def _device_and_backend(fn):
-    from triton.runtime import driver
-    active = driver.active
+    active = _driver.active
     device = active.get_current_device()
     caches = fn.device_caches[device]
     return active, device, caches[3], caches[4]  # backend, binder (Triton 3.6 and 3.9)
@@ -253,21 +253,18 @@ def launch(fn, grid, args: tuple, meta: dict) -> None:
     grid: a tuple, or a function of ``meta`` (the constexprs and config, not the positional
     arguments) returning one.
     """
-    if _INTERPRET:
-        fn[grid(meta) if callable(grid) else grid](*args, **meta)
-        return
-    runtime = _knobs.runtime
-    if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
-        fn[grid(meta) if callable(grid) else grid](*args, **meta)
+    grid = grid(meta) if callable(grid) else grid
+    runtime = None if _INTERPRET else _knobs.runtime
+    if runtime is None or _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
+        fn[grid](*args, **meta)  # the interpreter, or a profiler's hooks: Triton's own path
         return
     try:
         active, device, backend, binder = _device_and_backend(fn)
     except RuntimeError:  # no active driver: a tool that intercepts launches (triton_resources)
-        fn[grid(meta) if callable(grid) else grid](*args, **meta)
+        fn[grid](*args, **meta)
         return
     spec = _specialize
     key = (id(fn), device, tuple(meta.items()), tuple([spec(backend, a, False, True, True) for a in args]))
-    grid = grid(meta) if callable(grid) else grid
     entry = _launches.get(key)
     if entry is None:
         kernel = fn[grid](*args, **meta)
