@@ -255,12 +255,15 @@ def norm_rows() -> list[Row]:
         counted = {"fwd": f"read {ins}, {pars}; write {outs}, {stats} (split N: + the chunk re-read)",
                    "fwd+bwd": f"fwd + read dy, {'h' if add else 'x'}, {pars[:1]}, {stats}; write dx, "
                               f"fp32 d{pars.replace(', ', '/d')} partials; torch sums + casts them"}
-        for case, M, N in bench.shapes(quick=True):
-            for mode, launches in norm_launches(op, M, N).items():
-                rows.append(_row("layer_norm", op, case, f"{M}x{N}", mode,
-                                 {"op": op, "case": case, "M": M, "N": N, "mode": mode},
-                                 counted[mode], launches))
+        rows += _row_grid("layer_norm", op, bench.shapes(quick=True), norm_launches, counted)
     return rows
+
+
+def _row_grid(family: str, op: str, shapes, launches_of, counted: dict) -> list:
+    """The rows of an (M, N)-shaped op over a benchmark's (case, M, N) shapes, one per mode."""
+    return [_row(family, op, case, f"{M}x{N}", mode, {"op": op, "case": case, "M": M, "N": N, "mode": mode},
+                 counted[mode], launches)
+            for case, M, N in shapes for mode, launches in launches_of(op, M, N).items()]
 
 
 # ---- GELU, bias-GELU, GeGLU (bench/gelu.py) ---------------------------------------------------
@@ -320,11 +323,7 @@ def gelu_rows() -> list[Row]:
         counted = {"fwd": f"read {x}{', bias' if has_bias else ''}; write y",
                    "fwd+bwd": f"fwd + read dy, {x} again (GELU' recomputed); write dx"
                               + ("; fp32 db partials, torch sum + cast" if has_bias else "")}
-        for case, M, N in bench.shapes(quick=True):
-            for mode, launches in gelu_launches(op, M, N).items():
-                rows.append(_row("gelu", op, case, f"{M}x{N}", mode,
-                                 {"op": op, "case": case, "M": M, "N": N, "mode": mode},
-                                 counted[mode], launches))
+        rows += _row_grid("gelu", op, bench.shapes(quick=True), gelu_launches, counted)
     return rows
 
 
@@ -362,11 +361,7 @@ def activation_rows() -> list[Row]:
     for op, gated in bench.OPS.items():
         x = "x = [gate | up] (2N wide)" if gated else "x"
         counted = {"fwd": f"read {x}; write y", "fwd+bwd": f"fwd + read dy, {x} again; write dx"}
-        for case, M, N in bench.shapes(quick=True):
-            for mode, launches in activation_launches(op, M, N).items():
-                rows.append(_row("activation", op, case, f"{M}x{N}", mode,
-                                 {"op": op, "case": case, "M": M, "N": N, "mode": mode},
-                                 counted[mode], launches))
+        rows += _row_grid("activation", op, bench.shapes(quick=True), activation_launches, counted)
     return rows
 
 
