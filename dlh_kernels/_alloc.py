@@ -19,7 +19,14 @@ def set_poison(on: bool) -> None:
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    t = torch.empty(shape, dtype=dtype, device=device)
+    """torch.empty of shape (an int, tuple or torch.Size). The sizes go in unpacked: torch's
+    argument parser takes ints ~0.4 us faster than a tuple and ~1 us faster than a torch.Size,
+    and this is on every launch's path."""
+    if type(shape) is int:
+        t = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        t = torch.empty(*shape, dtype=dtype, device=device) if shape else \
+            torch.empty((), dtype=dtype, device=device)
     if _poison:
         t.fill_(float("nan"))
     return t

@@ -50,8 +50,17 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def stream_handle(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    """The current CUDA stream of device, as the raw handle the extension launches on. Read
+    without building a torch.cuda.Stream object (what Triton's launcher does too): this is on
+    every launch's path."""
+    index = device.index
+    if _raw_stream is None or index is None:
+        return torch.cuda.current_stream(device).cuda_stream
+    return _raw_stream(index)
 
 
 def ptr(t: Optional[torch.Tensor]) -> int:

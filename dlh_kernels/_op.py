@@ -21,10 +21,9 @@ from . import profiling
 
 _LIB_NAME = "dlh"
 
-
-
 _TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter
 _is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 class KernelOp:
@@ -53,6 +52,10 @@ class KernelOp:
                 "setup_context": staticmethod(setup_context),
                 "backward": staticmethod(backward),
             })
+            # `Function.apply` binds the arguments to forward's signature (inspect.signature:
+            # ~11 us a call) only to fill in defaults, which `_run(*args)` has none of, then
+            # calls this C apply; outside torch.func transforms the fast path calls it directly
+            self._apply = super(torch.autograd.Function, self._function).apply
 
     @property
     def qualname(self) -> str:
@@ -87,5 +90,7 @@ class KernelOp:
                 if a.requires_grad:
                     grad = True
         if grad and self._function is not None and torch.is_grad_enabled():
-            return self._function.apply(*args)
+            if _functorch_active():  # torch.func transforms: the full apply (custom_function_call)
+                return self._function.apply(*args)
+            return self._apply(*args)
         return self._run(*args)

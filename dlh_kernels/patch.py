@@ -226,13 +226,42 @@ class _Router(TorchFunctionMode):
             except TypeError:
                 family = None
             if family in self.families:
-                # the mode is off in here, so DF's own torch calls are not routed back to us
+                # this mode is off in here, so DF's own torch calls are not routed back to us;
+                # the routers of enclosing modules are taken off too (below)
                 try:
-                    return fn(*a, **k, backend=self.backend)
+                    return _unrouted(fn, a, k, self.backend)
                 except RuntimeError as exc:
                     if "cannot run this call" not in str(exc):
                         raise
         return func(*args, **kwargs)
+
+
+_is_compiling = torch.compiler.is_compiling
+_stack_len = torch._C._len_torch_function_stack
+_stack_at = torch._C._get_function_stack_at
+_stack_pop = torch._C._pop_torch_function_stack
+_stack_push = torch._C._push_on_torch_function_stack
+
+
+def _unrouted(fn, args, kwargs, backend):
+    """fn(*args, **kwargs, backend=backend) with the routers on top of the torch function mode
+    stack popped for the call. A routed module inside another (a decoder layer's MLP) stacks
+    two routers; torch pops only the innermost while its handler runs, so without this every
+    tensor method of DF's glue would take a Python hop through the outer one's
+    `__torch_function__` (~20 us per routed call, review 2026-12 T12). Modes a user pushed
+    below them stay. Under torch.compile dynamo tracks the stack itself: left as it is."""
+    n = _stack_len()
+    if not n or _is_compiling() or not isinstance(_stack_at(n - 1), _Router):
+        return fn(*args, **kwargs, backend=backend)
+    popped = []
+    while n and isinstance(_stack_at(n - 1), _Router):
+        popped.append(_stack_pop())
+        n -= 1
+    try:
+        return fn(*args, **kwargs, backend=backend)
+    finally:
+        for mode in reversed(popped):
+            _stack_push(mode)
 
 
 def _functions_of(cls) -> Iterable[types.CodeType]:

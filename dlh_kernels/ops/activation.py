@@ -104,16 +104,18 @@ def _triton_unary_bwd(dy, x, dx, act, slope):
     kernels.activation_bwd(dy, x, dx, act, slope)
 
 
-def _cuda_unary_fwd(x, y, act, slope):
-    M, N = x.shape
-    _ext.ext().activation_fwd(x.data_ptr(), y.data_ptr(), M, N, x.stride(0), y.stride(0), act, slope,
+def _cuda_unary_fwd(x, y, act, slope, rows=None):
+    """rows: (M, N, row strides of x and y) of tensors passed whole (one flat row in storage
+    order, no views made), else x and y are (M, N) row views."""
+    M, N, sx, sy = rows or (*x.shape, x.stride(0), y.stride(0))
+    _ext.ext().activation_fwd(x.data_ptr(), y.data_ptr(), M, N, sx, sy, act, slope,
                               _ext.DTYPE_CODE[x.dtype], _ext.stream_handle(x.device))
 
 
-def _cuda_unary_bwd(dy, x, dx, act, slope):
-    M, N = x.shape
-    _ext.ext().activation_bwd(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), M, N, dy.stride(0), x.stride(0),
-                              dx.stride(0), act, slope, _ext.DTYPE_CODE[x.dtype], _ext.stream_handle(x.device))
+def _cuda_unary_bwd(dy, x, dx, act, slope, rows=None):
+    M, N, sdy, sx, sdx = rows or (*x.shape, dy.stride(0), x.stride(0), dx.stride(0))
+    _ext.ext().activation_bwd(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), M, N, sdy, sx, sdx, act,
+                              slope, _ext.DTYPE_CODE[x.dtype], _ext.stream_handle(x.device))
 
 
 def _torch_gated_fwd(g, u, y, act):
@@ -177,6 +179,11 @@ def _elementwise_pair(run, outs: list, ins: list, flat: bool) -> None:
 def _activation_impl(backend):
     def run(input, act, negative_slope):
         y = _alloc.empty_like(input)  # dense inputs: the output keeps their layout, like eager
+        if backend == "cuda" and _same_dense_layout(input, y):  # pointers only: no flat views
+            n = input.numel()
+            if n:
+                _cuda_unary_fwd(input, y, act, negative_slope, (1, n, n, n))
+            return y
         return _elementwise(lambda x, out: _UNARY_FWD[backend](x, out, act, negative_slope), y, [input],
                             _same_dense_layout(input, y))
     return run
@@ -185,6 +192,11 @@ def _activation_impl(backend):
 def _activation_backward_impl(backend):
     def run(grad, input, act, negative_slope):
         dx = _alloc.empty_like(input)
+        if backend == "cuda" and _same_dense_layout(grad, input, dx):
+            n = input.numel()
+            if n:
+                _cuda_unary_bwd(grad, input, dx, act, negative_slope, (1, n, n, n, n))
+            return dx
         return _elementwise(lambda dy, x, out: _UNARY_BWD[backend](dy, x, out, act, negative_slope), dx,
                             [grad, input], _same_dense_layout(grad, input, dx))
     return run

@@ -164,7 +164,9 @@ _CUDA_HEAD_DIMS_BWD = (32, 64, 96, 128)
 def _cuda_operand(t: torch.Tensor) -> torch.Tensor:
     """t itself when cp.async can read its rows (unit stride along the head dim, a row stride of a
     multiple of 8 elements, 16-byte aligned), else a contiguous copy."""
-    if t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 and s >= 0 for s in _strides(t)):
+    s = _strides(t)
+    if t.stride(3) == 1 and t.data_ptr() % 16 == 0 and s[0] % 8 == 0 and s[1] % 8 == 0 \
+            and s[2] % 8 == 0 and min(s) >= 0:
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
@@ -172,7 +174,10 @@ def _cuda_operand(t: torch.Tensor) -> torch.Tensor:
 def _strides(t: torch.Tensor, dims: int = 3) -> list:
     """The strides of the first dims dims ((batch, head, seq) by default), 0 for a dim of size 1
     (its stride is never used; a broadcast mask dim reads as stride 0)."""
-    return [t.stride(d) if t.size(d) > 1 else 0 for d in range(dims)]
+    st, sz = t.stride(), t.shape  # one call each: this runs ~10 times per launch
+    if dims == 3:
+        return [st[0] if sz[0] > 1 else 0, st[1] if sz[1] > 1 else 0, st[2] if sz[2] > 1 else 0]
+    return [st[d] if sz[d] > 1 else 0 for d in range(dims)]
 
 
 def _cuda_mask(mask):
@@ -377,9 +382,12 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         raise ValueError(f"dlh.{op}: attn_mask must be None when is_causal=True (as in torch)")
 
     c = _Call()
-    c.needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    c.squeeze = max(query.dim(), key.dim(), value.dim()) == 2
-    qs, ks, vs = (t.shape if t.dim() > 2 else (1,) + tuple(t.shape) for t in (query, key, value))
+    c.needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                                or value.requires_grad)
+    qs, ks, vs = query.shape, key.shape, value.shape
+    c.squeeze = len(qs) == 2 and len(ks) == 2 and len(vs) == 2
+    if len(qs) == 2 or len(ks) == 2 or len(vs) == 2:  # (seq, head_dim): one head
+        qs, ks, vs = ((1,) + tuple(t) if len(t) == 2 else t for t in (qs, ks, vs))
     c.L, c.S, c.D, c.Dv = qs[-2], ks[-2], qs[-1], vs[-1]
     c.repeat_heads = False  # enable_gqa with different key and value head counts
     try:
@@ -424,13 +432,18 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 def _canonical(c: _Call, query, key, value, attn_mask):
     """The 4-D views the ops take (broadcast dims as stride-0 views where possible)."""
     B = math.prod(c.batch)
-    q, k, v = (t if t.dim() > 2 else t.unsqueeze(0) for t in (query, key, value))
-    if c.repeat_heads:
-        k = k.repeat_interleave(c.Hq // k.shape[-3], -3)
-        v = v.repeat_interleave(c.Hq // v.shape[-3], -3)
-    q4 = q.expand(c.batch + (c.Hq, c.L, c.D)).reshape(B, c.Hq, c.L, c.D)
-    k4 = k.expand(c.batch + (c.Hkv, c.S, c.D)).reshape(B, c.Hkv, c.S, c.D)
-    v4 = v.expand(c.batch + (c.Hkv, c.S, c.Dv)).reshape(B, c.Hkv, c.S, c.Dv)
+    if (len(c.batch) == 1 and not c.repeat_heads and query.dim() == 4 and key.dim() == 4
+            and value.dim() == 4 and query.shape[0] == B and key.shape[0] == B
+            and value.shape[0] == B and key.shape[1] == c.Hkv and value.shape[1] == c.Hkv):
+        q4, k4, v4 = query, key, value  # already (B, H, seq, D): no views (~1.5 us each)
+    else:
+        q, k, v = (t if t.dim() > 2 else t.unsqueeze(0) for t in (query, key, value))
+        if c.repeat_heads:
+            k = k.repeat_interleave(c.Hq // k.shape[-3], -3)
+            v = v.repeat_interleave(c.Hq // v.shape[-3], -3)
+        q4 = q.expand(c.batch + (c.Hq, c.L, c.D)).reshape(B, c.Hq, c.L, c.D)
+        k4 = k.expand(c.batch + (c.Hkv, c.S, c.D)).reshape(B, c.Hkv, c.S, c.D)
+        v4 = v.expand(c.batch + (c.Hkv, c.S, c.Dv)).reshape(B, c.Hkv, c.S, c.Dv)
     m4 = None
     if attn_mask is not None:
         full = len(c.batch) + 3
@@ -520,8 +533,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     seed = draw_seed(query.device) if dropout_p > 0.0 else None
     scale = 1.0 / math.sqrt(c.D) if scale is None else float(scale)
     out, _ = attention_op(q4, k4, v4, m4, seed, float(dropout_p), is_causal, scale, be)
-    shape = c.batch + (c.Hq, c.L, c.Dv)
-    return out.view((c.L, c.Dv) if c.squeeze else shape)
+    if len(c.batch) == 1 and not c.squeeze:
+        return out  # (B, Hq, L, Dv) already
+    return out.view((c.L, c.Dv) if c.squeeze else c.batch + (c.Hq, c.L, c.Dv))
 
 
 def explain(op: str, args: dict) -> dict:

@@ -69,7 +69,13 @@ def _collapses(t: torch.Tensor) -> bool:
 
 def _ncs(t: torch.Tensor) -> torch.Tensor:
     """(N, C, S) view of t, or of a contiguous copy when its spatial dims do not collapse."""
-    return t.view(_sizes(t)) if _collapses(t) else t.contiguous().view(_sizes(t))
+    if t.dim() == 3:
+        return t
+    N, C, S = _sizes(t)
+    try:
+        return t.view(N, C, S)
+    except RuntimeError:
+        return t.contiguous().view(N, C, S)
 
 
 def _new_like(x: torch.Tensor, real: bool = False) -> torch.Tensor:
@@ -83,11 +89,12 @@ def _new_like(x: torch.Tensor, real: bool = False) -> torch.Tensor:
 
 
 def _flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.reshape(-1).contiguous()
+    """A per-channel parameter ((C,), checked) with a unit stride."""
+    return None if t is None else t.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend implementations on (N, C, S) views. mean, rstd: (N * G,) fp32.
+# Backend implementations on (N, C, S) views. mean, rstd: contiguous fp32, (N, G) or (N * G,).
 
 def _torch_fwd(x, weight, bias, y, mean, rstd, G, eps, silu):
     """The kernels' contract in eager PyTorch with fp32 math (the op's torch backend)."""
@@ -101,8 +108,8 @@ def _torch_fwd(x, weight, bias, y, mean, rstd, G, eps, silu):
     if bias is not None:
         z = z + bias.float()[:, None]
     y.copy_(F.silu(z) if silu else z)
-    mean.copy_(m.reshape(-1))
-    rstd.copy_(r.reshape(-1))
+    mean.copy_(m.reshape(mean.shape))
+    rstd.copy_(r.reshape(rstd.shape))
 
 
 def _torch_bwd(dy, x, weight, bias, mean, rstd, dx, G, silu, weight_grad, bias_grad):
@@ -128,12 +135,13 @@ def _torch_bwd(dy, x, weight, bias, mean, rstd, dx, G, silu, weight_grad, bias_g
 
 def _triton_fwd(x, weight, bias, y, mean, rstd, G, eps, silu):
     kernels = _backend.triton_module("group_norm")
-    kernels.group_norm_fwd(x, weight, bias, y, mean, rstd, G, eps, silu)
+    kernels.group_norm_fwd(x, weight, bias, y, mean.view(-1), rstd.view(-1), G, eps, silu)
 
 
 def _triton_bwd(dy, x, weight, bias, mean, rstd, dx, G, silu, weight_grad, bias_grad):
     kernels = _backend.triton_module("group_norm")
-    return kernels.group_norm_bwd(dy, x, weight, bias, mean, rstd, dx, G, silu, weight_grad, bias_grad)
+    return kernels.group_norm_bwd(dy, x, weight, bias, mean.view(-1), rstd.view(-1), dx, G, silu,
+                                  weight_grad, bias_grad)
 
 
 # The CUDA kernels load 16-byte vectors along one unit-stride dim, the same for every tensor of
@@ -236,12 +244,20 @@ _BWD = {"torch": _torch_bwd, "triton": _triton_bwd, "cuda": _cuda_bwd}
 
 def _group_norm_impl(backend):
     def run(input, weight, bias, num_groups, eps, activation):
-        N = input.shape[0]
-        y = _new_like(input, real=True)
+        # _new_like's rule, with one view: x's strides when its spatial dims collapse
+        N, C, S = _sizes(input)
+        try:
+            x = input.view(N, C, S)
+            y = _alloc.empty_like(input)
+        except RuntimeError:
+            x = input.contiguous().view(N, C, S)
+            y = _alloc.empty(input.shape, input.dtype, input.device)
         mean = _alloc.empty((N, num_groups), torch.float32, input.device)
         rstd = _alloc.empty((N, num_groups), torch.float32, input.device)
-        _FWD[backend](_ncs(input), _flat(weight), _flat(bias), y.view(_sizes(y)), mean.view(-1),
-                      rstd.view(-1), num_groups, eps, activation == "silu")
+        # mean, rstd go in as the (N, G) outputs (the triton glue, which slices them per batch,
+        # takes flat views; the cuda one takes their pointers)
+        _FWD[backend](x, _flat(weight), _flat(bias), y.view(N, C, S), mean, rstd, num_groups,
+                      eps, activation == "silu")
         return y, mean, rstd
     return run
 
@@ -253,9 +269,15 @@ def _group_norm_fake(input, weight, bias, num_groups, eps, activation, backend):
 
 def _group_norm_backward_impl(backend):
     def run(grad_out, input, weight, bias, mean, rstd, num_groups, activation, weight_grad, bias_grad):
-        dx = _new_like(input, real=True)
-        dw, db = _BWD[backend](_ncs(grad_out), _ncs(input), _flat(weight), _flat(bias),
-                               mean.reshape(-1), rstd.reshape(-1), dx.view(_sizes(dx)), num_groups,
+        N, C, S = _sizes(input)
+        try:
+            x = input.view(N, C, S)
+            dx = _alloc.empty_like(input)
+        except RuntimeError:
+            x = input.contiguous().view(N, C, S)
+            dx = _alloc.empty(input.shape, input.dtype, input.device)
+        dw, db = _BWD[backend](_ncs(grad_out), x, _flat(weight), _flat(bias),
+                               mean.contiguous(), rstd.contiguous(), dx.view(N, C, S), num_groups,
                                activation == "silu", weight_grad, bias_grad)
 
         def empty():
@@ -300,8 +322,8 @@ def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     bias_grad = b is not None and ctx.needs_input_grad[2]
     dx, dw, db = group_norm_backward_op(grad_y, x, w, b, mean, rstd, ctx.num_groups,
                                         ctx.activation, weight_grad, bias_grad, ctx.backend)
-    dw = dw.view(w.shape).to(w.dtype) if weight_grad else None
-    db = db.view(b.shape).to(b.dtype) if bias_grad else None
+    dw = dw.to(w.dtype) if weight_grad else None  # (C,) fp32 column sums; w, b are (C,)
+    db = db.to(b.dtype) if bias_grad else None
     return dx, dw, db, None, None, None, None
 
 

@@ -45,6 +45,8 @@ def rms_norm_reference(x, normalized_shape, weight=None, eps=1e-6):
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """(M, n) view of t when its layout allows one (any row stride), else a contiguous copy."""
+    if t.dim() == 2 and t.shape[1] == n and (n <= 1 or t.stride(1) == 1):
+        return t  # already rows: on every call's path, so no view
     m = t.numel() // n if n else 0
     try:
         rows = t.view(m, n)
@@ -163,8 +165,9 @@ def _forward(backend, x, residual, weight, bias, n, eps, rms):
     shape = x.shape
     y, h, mean, rstd = _FWD[backend](_rows(x, n), None if residual is None else _rows(residual, n),
                                      _flat(weight), _flat(bias), eps, rms)
-    y = y.view(shape)
-    h = None if h is None else h.view(shape)
+    if len(shape) != 2:  # sizes unpacked: a torch.Size argument costs view ~1 us more
+        y = y.view(*shape)
+        h = None if h is None else h.view(*shape)
     return y, h, mean, rstd
 
 
@@ -175,7 +178,7 @@ def _norm_backward_impl(backend):
                                    weight_grad, bias_grad)
         def empty():
             return h.new_empty(0, dtype=torch.float32)
-        return dx.view(h.shape), (empty() if dw is None else dw), (empty() if db is None else db)
+        return dx.view(*h.shape), (empty() if dw is None else dw), (empty() if db is None else db)
     return run
 
 
@@ -204,21 +207,20 @@ def _declare(name: str, residual: bool, rms: bool) -> KernelOp:
     outs = ["Tensor"] + (["Tensor"] if residual else []) + ([] if rms else ["Tensor"]) + ["Tensor"]
     schema = f"({', '.join(args)}) -> ({', '.join(outs)})"
 
+    wi = 2 if residual else 1  # the index of weight among the op's inputs; bias follows it
+
     def unpack(a):  # op arguments -> (x, residual, weight, bias, n, eps, backend)
-        a = list(a)
-        x = a.pop(0)
-        r = a.pop(0) if residual else None
-        w = a.pop(0)
-        b = None if rms else a.pop(0)
-        return (x, r, w, b, *a)
+        return (a[0], a[1] if residual else None, a[wi], None if rms else a[wi + 1], *a[-3:])
 
     def pack(y, h, mean, rstd):
-        return (y,) + ((h,) if residual else ()) + (() if rms else (mean,)) + (rstd,)
+        if residual:
+            return (y, h, rstd) if rms else (y, h, mean, rstd)
+        return (y, rstd) if rms else (y, mean, rstd)
 
     def impl_for(backend):
-        def run(*a):
-            x, r, w, b, n, eps = unpack(a + (backend,))[:6]
-            return pack(*_forward(backend, x, r, w, b, n, eps, rms))
+        def run(*a):  # the op's arguments without the backend
+            return pack(*_forward(backend, a[0], a[1] if residual else None, a[wi],
+                                  None if rms else a[wi + 1], a[-2], a[-1], rms))
         return run
 
     def fake(*a):
@@ -243,13 +245,12 @@ def _declare(name: str, residual: bool, rms: bool) -> KernelOp:
         h, w, mean, rstd = ctx.saved_tensors
         grad_y = grads[0] if grads[0] is not None else torch.zeros_like(h)
         grad_h = grads[1] if residual else None
-        wi = 2 if residual else 1  # index of weight among the op's inputs; bias follows it
         weight_grad = w is not None and ctx.needs_input_grad[wi]
         bias_grad = ctx.bias_meta is not None and ctx.needs_input_grad[wi + 1]
         dx, dw, db = norm_backward(grad_y, grad_h, h, w, mean, rstd, ctx.n,
                                    weight_grad, bias_grad, ctx.backend)
-        dw = dw.view(w.shape).to(w.dtype) if weight_grad else None
-        db = db.view(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if bias_grad else None
+        dw = dw.view(*w.shape).to(w.dtype) if weight_grad else None
+        db = db.view(*ctx.bias_meta[0]).to(ctx.bias_meta[1]) if bias_grad else None
         grads_in = [dx] + ([dx] if residual else []) + [dw] + ([] if rms else [db])
         return tuple(grads_in) + (None, None, None)
 
