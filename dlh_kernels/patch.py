@@ -208,7 +208,8 @@ class _Router(TorchFunctionMode):
     ``always_call=True``, so an exception in forward still pops it): other code, and the same
     function called outside the model, is untouched. torch.compile traces through the mode.
     Costs in eager mode: every torch call inside a routed forward takes one Python hop through
-    `__torch_function__` (a few microseconds). Known limit: torch <= 2.13's dynamo cannot trace
+    `__torch_function__` (a few microseconds); DF's own glue runs with every router off
+    (`_unrouted`), nested ones included. Known limit: torch <= 2.13's dynamo cannot trace
     ``Tensor.unflatten`` under any TorchFunctionMode (pytorch#179853).
     """
 
