@@ -88,6 +88,15 @@ def _new_like(x: torch.Tensor, real: bool = False) -> torch.Tensor:
     return _alloc.empty(x.shape, x.dtype, x.device) if real else x.new_empty(x.shape)
 
 
+def _ncs_and_output(t: torch.Tensor, N: int, C: int, S: int):
+    """(_ncs(t), a poisoned _new_like(t, real=True)) with one view: t's strides when its spatial
+    dims collapse, else a contiguous copy and a contiguous output."""
+    try:
+        return t.view(N, C, S), _alloc.empty_like(t)
+    except RuntimeError:
+        return t.contiguous().view(N, C, S), _alloc.empty(t.shape, t.dtype, t.device)
+
+
 def _flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A per-channel parameter ((C,), checked) with a unit stride."""
     return None if t is None else t.contiguous()
@@ -244,14 +253,8 @@ _BWD = {"torch": _torch_bwd, "triton": _triton_bwd, "cuda": _cuda_bwd}
 
 def _group_norm_impl(backend):
     def run(input, weight, bias, num_groups, eps, activation):
-        # _new_like's rule, with one view: x's strides when its spatial dims collapse
         N, C, S = _sizes(input)
-        try:
-            x = input.view(N, C, S)
-            y = _alloc.empty_like(input)
-        except RuntimeError:
-            x = input.contiguous().view(N, C, S)
-            y = _alloc.empty(input.shape, input.dtype, input.device)
+        x, y = _ncs_and_output(input, N, C, S)
         mean = _alloc.empty((N, num_groups), torch.float32, input.device)
         rstd = _alloc.empty((N, num_groups), torch.float32, input.device)
         # mean, rstd go in as the (N, G) outputs (the triton glue, which slices them per batch,
@@ -270,12 +273,7 @@ def _group_norm_fake(input, weight, bias, num_groups, eps, activation, backend):
 def _group_norm_backward_impl(backend):
     def run(grad_out, input, weight, bias, mean, rstd, num_groups, activation, weight_grad, bias_grad):
         N, C, S = _sizes(input)
-        try:
-            x = input.view(N, C, S)
-            dx = _alloc.empty_like(input)
-        except RuntimeError:
-            x = input.contiguous().view(N, C, S)
-            dx = _alloc.empty(input.shape, input.dtype, input.device)
+        x, dx = _ncs_and_output(input, N, C, S)
         dw, db = _BWD[backend](_ncs(grad_out), x, _flat(weight), _flat(bias),
                                mean.contiguous(), rstd.contiguous(), dx.view(N, C, S), num_groups,
                                activation == "silu", weight_grad, bias_grad)
