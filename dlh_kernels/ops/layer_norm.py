@@ -219,8 +219,8 @@ def _declare(name: str, residual: bool, rms: bool) -> KernelOp:
 
     def impl_for(backend):
         def run(*a):  # the op's arguments without the backend
-            return pack(*_forward(backend, a[0], a[1] if residual else None, a[wi],
-                                  None if rms else a[wi + 1], a[-2], a[-1], rms))
+            x, r, w, b, n, eps, _ = unpack(a + (backend,))
+            return pack(*_forward(backend, x, r, w, b, n, eps, rms))
         return run
 
     def fake(*a):
